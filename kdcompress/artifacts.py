@@ -116,7 +116,9 @@ def _import_class(name: str) -> type:
     return obj
 
 
-def build_module(spec: dict[str, Any], state: dict[str, torch.Tensor], prefix: str = "") -> nn.Module:
+def build_module(
+    spec: dict[str, Any], state: dict[str, torch.Tensor], prefix: str = ""
+) -> nn.Module:
     """Rebuild a module from :func:`module_spec`'s description and a state dict."""
     cls = _import_class(spec["class"])
     module = cls.__new__(cls)

@@ -284,7 +284,8 @@ def mnist(root: str | os.PathLike | None = None, *, val_size: int = 5000,
         x = torch.from_numpy(a.astype(np.float32) / 255.0)
         return ((x - _MNIST_MEAN) / _MNIST_STD).unsqueeze(1)
 
-    x_train, y_train = images(arrays["x_train"]), torch.from_numpy(arrays["y_train"].astype(np.int64))
+    x_train = images(arrays["x_train"])
+    y_train = torch.from_numpy(arrays["y_train"].astype(np.int64))
     x_val, y_val = x_train[-val_size:], y_train[-val_size:]
     x_train, y_train = x_train[:-val_size], y_train[:-val_size]
     if train_limit is not None:
