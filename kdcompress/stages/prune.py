@@ -1,0 +1,318 @@
+"""The ``prune`` stage: dependency-aware structured channel pruning with torch-pruning.
+
+Whole channels are removed (the tensors really shrink, unlike masks), with every layer that shares
+them -- BatchNorm, the next layer's inputs, residual additions -- kept consistent by
+torch-pruning's dependency graph [1]_. Optionally the pruning is done in ``iterative_steps``,
+each followed by a recovery phase that distils the pruned model from the unpruned one (or a named
+teacher) for ``recovery_epochs``: prune, then repair with knowledge distillation [2]_.
+
+References
+----------
+.. [1] G. Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023.
+.. [2] G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcompress.context import StageContext, resolve_context
+from kdcompress.data import Task
+from kdcompress.errors import StageError, did_you_mean
+from kdcompress.training import accuracy, make_optimizer
+
+__all__ = ["prune", "IMPORTANCES", "channel_counts", "kd_recovery_loss"]
+
+log = logging.getLogger(__name__)
+
+#: Importance criteria: L1 / L2 weight magnitude ("magnitude" is L2), first-order Taylor
+#: expansion of the loss (gradients from a few training batches), LAMP (layer-adaptive
+#: magnitude, Lee et al., ICLR 2021).
+IMPORTANCES = ("magnitude", "l1", "l2", "taylor", "lamp")
+_TAYLOR_BATCHES = 4
+_BATCH_SIZE = 64
+_TEMPERATURE = 4.0
+
+
+def prune(
+    model: nn.Module, *, ratio: float = 0.3, importance: str = "magnitude",
+    global_pruning: bool = False, iterative_steps: int = 1, recovery_epochs: int = 0,
+    teacher: nn.Module | None = None, round_to: int | None = None,
+    ignored_layers: list[str] | None = None, data: Task | None = None,
+    ctx: StageContext | None = None,
+) -> nn.Module:
+    """Remove a fraction of the channels of every prunable layer (or of the whole model).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to prune; it is copied, never changed.
+    ratio : float
+        Fraction of channels to remove, ``0 <= ratio < 1``: per layer, or over the whole model
+        with ``global_pruning``.
+    importance : {"magnitude", "l1", "l2", "taylor", "lamp"}
+        How channels are ranked; ``taylor`` uses gradients of a few training batches.
+    global_pruning : bool
+        Rank channels across layers (layers end up with different ratios) instead of per layer.
+    iterative_steps : int
+        Reach ``ratio`` in this many equal steps.
+    recovery_epochs : int
+        Epochs of distillation after each step (KD at temperature 4 plus cross-entropy), from
+        ``teacher`` or, when none is given, from the unpruned model. 0 skips recovery.
+    teacher : nn.Module, optional
+        The model to distil from during recovery.
+    round_to : int, optional
+        Keep channel counts multiples of this (8 or 16 suit SIMD kernels).
+    ignored_layers : list of str, optional
+        Qualified names of modules never pruned (``"features.conv1"``). The output layer is
+        always ignored.
+    data : Task, optional
+        The data; given by the pipeline, needed when calling the stage directly.
+
+    Returns
+    -------
+    nn.Module
+        The pruned model, in eval mode, on the CPU.
+
+    Examples
+    --------
+    >>> from kdcompress import data, models
+    >>> model = models.cnn(width=16).build((1, 8, 8), 10)
+    >>> small = prune(model, ratio=0.5, data=data.digits())  # doctest: +SKIP
+    >>> small.features.conv2.out_channels  # doctest: +SKIP
+    8
+    """
+    ctx = resolve_context(ctx, "prune", data)
+    _check_arguments(model, ratio, importance, iterative_steps, recovery_epochs, round_to)
+    torch.manual_seed(ctx.seed)
+    model = copy.deepcopy(model).cpu().eval()
+    if recovery_epochs:
+        teacher = copy.deepcopy(teacher if teacher is not None else model).cpu().eval()
+    before = channel_counts(model)
+    params_before = sum(p.numel() for p in model.parameters())
+    example = ctx.data.example(2).float()
+
+    ignored = _resolve_ignored(model, ignored_layers or [])
+    head = _output_layer(model, example)
+    ignored[head[0]] = head[1]
+    ctx.record("ignored_layers", sorted(ignored))
+    import torch_pruning as tp
+
+    with _tt_support(model, example, ignored) as extra:
+        pruner = tp.pruner.MetaPruner(
+            model, example, _importance(importance), global_pruning=global_pruning,
+            pruning_ratio=ratio, iterative_steps=iterative_steps,
+            ignored_layers=list(ignored.values()) + extra.pop("ignored_layers", []),
+            round_to=round_to, **extra)
+    history = []
+    for step in range(iterative_steps):
+        if importance == "taylor":
+            _accumulate_gradients(model, ctx)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        if recovery_epochs:
+            _recover(model, teacher, ctx, recovery_epochs, step)
+        entry = {"step": step + 1, "params": sum(p.numel() for p in model.parameters())}
+        if iterative_steps > 1 or recovery_epochs:
+            entry["val_acc"] = round(accuracy(model, ctx.data, _val_split(ctx.data)), 4)
+        history.append(entry)
+        log.info("prune step %d/%d: %s", step + 1, iterative_steps, entry)
+
+    after = channel_counts(model)
+    ctx.record("channels", {k: [before[k], after.get(k, 0)] for k in before})
+    ctx.record("params_before", params_before)
+    ctx.record("params_after", sum(p.numel() for p in model.parameters()))
+    ctx.record("steps", history)
+    if after == before and ratio > 0:
+        ctx.warn("no channel was removed: every prunable layer is ignored or protected")
+    return model.cpu().eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# settings and layers
+
+
+def _check_arguments(model: Any, ratio: float, importance: str, iterative_steps: int,
+                     recovery_epochs: int, round_to: int | None) -> None:
+    if not isinstance(model, nn.Module):
+        raise StageError(f"prune: expects a torch model (nn.Module), but got "
+                         f"{type(model).__name__}; prune before export_onnx")
+    if not 0.0 <= ratio < 1.0:
+        raise StageError(f"prune: ratio is the fraction of channels removed, 0 <= ratio < 1, but "
+                         f"got {ratio}")
+    if importance not in IMPORTANCES:
+        raise StageError(f"prune: importance must be one of {IMPORTANCES}, but got "
+                         f"'{importance}'.{did_you_mean(importance, IMPORTANCES)}")
+    if iterative_steps < 1:
+        raise StageError(f"prune: iterative_steps must be >= 1, but got {iterative_steps}")
+    if recovery_epochs < 0:
+        raise StageError(f"prune: recovery_epochs must be >= 0, but got {recovery_epochs}")
+    if round_to is not None and round_to < 1:
+        raise StageError(f"prune: round_to must be a positive int or None, but got {round_to}")
+
+
+def _importance(name: str) -> Any:
+    import torch_pruning as tp
+
+    if name == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if name in ("l2", "magnitude"):
+        return tp.importance.MagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.TaylorImportance()
+    return tp.importance.LAMPImportance(p=2)
+
+
+def channel_counts(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every Conv and Linear layer, by qualified name."""
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            counts[name] = module.out_channels
+        elif isinstance(module, nn.Linear):
+            counts[name] = module.out_features
+    return counts
+
+
+def _resolve_ignored(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    ignored = {}
+    for name in names:
+        if name not in modules or not name:
+            raise StageError(f"prune: ignored_layers names '{name}', which is not a module of "
+                             f"{type(model).__name__}.{did_you_mean(name, modules)}")
+        ignored[name] = modules[name]
+    return ignored
+
+
+def _leaf_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """Modules with parameters of their own, in the order one forward pass calls them."""
+    order: list[tuple[str, nn.Module]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name: order.append((name, m))))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _output_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Module]:
+    """The last Conv/Linear (or TT layer) a forward pass calls: the classifier head."""
+    order = [(n, m) for n, m in _leaf_order(model, example)
+             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or _is_tt(m)]
+    if not order:
+        raise StageError(f"prune: {type(model).__name__} has no Conv or Linear layer to prune")
+    return order[-1]
+
+
+def _is_tt(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__.startswith("TT") and cls.__module__.startswith("kdcompress.layers")
+
+
+@contextlib.contextmanager
+def _tt_support(model: nn.Module, example: torch.Tensor,
+                ignored: dict[str, nn.Module]) -> Iterator[dict[str, Any]]:
+    """Extra MetaPruner keyword arguments that keep tensor-train layers consistent.
+
+    With ``kdcompress.layers.tt_prune`` the TT layers trace as one linear map and are pruned
+    through their own pruner; without it, TT layers and the layers feeding them are left alone.
+    """
+    tt = {n: m for n, m in model.named_modules() if _is_tt(m)}
+    if not tt:
+        yield {}
+        return
+    try:
+        from kdcompress.layers.tt_prune import dense_trace, tt_pruner_kwargs
+    except ImportError:
+        yield {"ignored_layers": _tt_protected(model, example, tt, ignored)}
+        return
+    with dense_trace(model):
+        yield dict(tt_pruner_kwargs(model))
+
+
+def _tt_protected(model: nn.Module, example: torch.Tensor, tt: dict[str, nn.Module],
+                  ignored: dict[str, nn.Module]) -> list[nn.Module]:
+    """TT layers plus, for each, the Conv/Linear layer whose output it reads."""
+    protected = list(tt.values())
+    previous: nn.Module | None = None
+    for _, module in _leaf_order(model, example):
+        if _is_tt(module):
+            if previous is not None:
+                protected.append(previous)
+        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            previous = module
+    return protected
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients for Taylor importance, and the KD recovery phase
+
+
+def _val_split(task: Task) -> str:
+    return "val" if task.val is not None else "train"
+
+
+def _accumulate_gradients(model: nn.Module, ctx: StageContext) -> None:
+    """Cross-entropy gradients of a few training batches, summed into ``.grad`` (Taylor)."""
+    model.zero_grad(set_to_none=True)
+    model.eval()  # BatchNorm statistics stay as trained; gradients still flow
+    loader = ctx.data.loader("train", batch_size=_BATCH_SIZE, shuffle=True, seed=ctx.seed)
+    for i, (x, y) in enumerate(loader):
+        if i == _TAYLOR_BATCHES:
+            break
+        F.cross_entropy(model(x.float()), y).backward()
+
+
+def kd_recovery_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     labels: torch.Tensor, temperature: float = _TEMPERATURE) -> torch.Tensor:
+    """Hinton's KD loss ``T^2 * KL(softmax(t/T) || softmax(s/T))`` plus cross-entropy."""
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t,
+                  dim=1), reduction="batchmean", log_target=True) * t * t
+    return kd + F.cross_entropy(student_logits, labels)
+
+
+def _recover(model: nn.Module, teacher: nn.Module, ctx: StageContext, epochs: int,
+             step: int) -> None:
+    """Distil ``teacher`` into the freshly pruned ``model`` for ``epochs`` epochs."""
+    device = ctx.device
+    model.to(device)
+    teacher.to(device).eval()
+    loader_len = len(ctx.data.loader("train", batch_size=_BATCH_SIZE))
+    optimizer, scheduler = make_optimizer(model.parameters(), lr=1e-3, weight_decay=1e-4,
+                                          epochs=epochs, steps_per_epoch=loader_len)
+    for epoch in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        loader = ctx.data.loader("train", batch_size=_BATCH_SIZE, shuffle=True,
+                                 seed=ctx.seed + 1000 * (step + 1) + epoch)
+        for x, y in loader:
+            x, y = x.float().to(device), y.to(device)
+            with torch.no_grad():
+                target = teacher(x)
+            loss = kd_recovery_loss(model(x), target, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+        ctx.report_epoch(f"recover {step + 1}", epoch + 1, epochs,
+                         f"loss {total / max(count, 1):.4f}")
+    model.cpu().eval()
+    teacher.cpu()

@@ -1,0 +1,336 @@
+"""The ``quantize_onnx`` stage: int8 ONNX graphs with ONNX Runtime's quantization tools.
+
+Two modes, picked by what runs fast on a CPU:
+
+* ``static`` -- QDQ format, signed int8 activations and weights (S8S8), per-channel weights,
+  activation ranges calibrated on training samples. ONNX Runtime fuses each
+  ``DequantizeLinear -> Conv/MatMul/Gemm -> QuantizeLinear`` group into an int8 kernel, which uses
+  VNNI / AMX instructions where the CPU has them. The right choice for convolutions.
+* ``dynamic`` -- weights of MatMul/Gemm stored in int8, activation ranges computed on the fly
+  per batch. No calibration. Convolutions are left in fp32: dynamic quantization of Conv
+  (``ConvInteger``) ran 2.4-11x *slower* than fp32 on the CPUs we measured.
+* ``auto`` -- ``static`` if the graph has a Conv, else ``dynamic``.
+
+After quantizing, the stage times the int8 graph against its fp32 parent for a second or two
+and warns when it is not faster, naming the likely reason (:func:`explain_slow_int8`).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from onnxruntime.quantization import CalibrationDataReader
+
+from kdcompress.artifacts import OnnxModel
+from kdcompress.context import StageContext, resolve_context
+from kdcompress.data import Task
+from kdcompress.errors import StageError
+
+__all__ = ["quantize_onnx", "explain_slow_int8", "quantized_nodes", "cpu_int8_features",
+           "QUANTIZE_MODES", "CALIBRATION_METHODS"]
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_MODES = ("static", "dynamic", "auto")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+GRAPH_FILE = "model.onnx"
+_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger",
+             "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+_CALIBRATION_BATCH = 64
+
+
+def quantize_onnx(
+    model: OnnxModel, *, mode: str = "static", calibration: str = "minmax", samples: int = 256,
+    per_channel: bool = True, data: Task | None = None, ctx: StageContext | None = None,
+) -> OnnxModel:
+    """Quantize an fp32 ONNX graph to int8 with ONNX Runtime.
+
+    Parameters
+    ----------
+    model : OnnxModel
+        The fp32 graph (the output of ``export_onnx``); it is read, never changed.
+    mode : {"static", "dynamic", "auto"}
+        See the module docstring; ``auto`` picks ``static`` when the graph has convolutions.
+    calibration : {"minmax", "entropy", "percentile"}
+        How ``static`` mode turns observed activations into int8 ranges.
+    samples : int
+        Number of training inputs used for calibration (``static`` mode).
+    per_channel : bool
+        One scale per output channel of each weight (more accurate, as fast).
+    data : Task, optional
+        The data; given by the pipeline, needed when calling the stage directly.
+
+    Returns
+    -------
+    OnnxModel
+        ``model.onnx`` in the stage's work folder, in QDQ format (``static``) or with
+        ``MatMulInteger``/``DynamicQuantizeMatMul`` nodes (``dynamic``).
+
+    Examples
+    --------
+    >>> int8 = quantize_onnx(fp32, mode="static", samples=256, data=task)  # doctest: +SKIP
+    >>> int8.size_bytes < fp32.size_bytes  # doctest: +SKIP
+    True
+    """
+    ctx = resolve_context(ctx, "quantize_onnx", data)
+    _check_arguments(model, mode, calibration, samples)
+    np.random.seed(ctx.seed)
+    torch.manual_seed(ctx.seed)
+    workdir = Path(ctx.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp32_ops = _op_types(model)
+    if mode == "auto":
+        mode = "static" if {"Conv", "ConvTranspose"} & fp32_ops else "dynamic"
+    ctx.record("mode", mode)
+
+    prepared = workdir / "preprocessed.onnx"
+    _preprocess(model.path, prepared, ctx)
+    path = workdir / GRAPH_FILE
+    try:
+        if mode == "static":
+            _quantize_static(prepared, path, ctx, calibration, samples, per_channel)
+            ctx.record("format", "QDQ")
+            ctx.record("calibration", calibration)
+            ctx.record("calibration_samples", min(samples, len(ctx.data.train)))  # type: ignore
+        else:
+            _quantize_dynamic(prepared, path, per_channel)
+            ctx.record("format", "QOperator (dynamic)")
+    finally:
+        prepared.unlink(missing_ok=True)
+        prepared.with_name(prepared.name + ".data").unlink(missing_ok=True)
+    ctx.record("per_channel", per_channel)
+    result = OnnxModel(path)
+    counts = quantized_nodes(result)
+    ctx.record("quantized_nodes", counts["quantized"])
+    ctx.record("fp32_compute_nodes", counts["fp32"])
+    if not counts["quantized"]:
+        ctx.warn(f"no node was quantized ({mode} mode quantizes "
+                 f"{'Conv/MatMul/Gemm' if mode == 'static' else 'MatMul/Gemm'}; the graph has "
+                 f"{sorted(fp32_ops & set(_COMPUTE_OPS)) or 'none of them'})")
+    if "Conv" in fp32_ops and mode == "dynamic":
+        ctx.warn("dynamic mode leaves convolutions in fp32 (dynamic ConvInteger is slower than "
+                 "fp32 on CPUs); use mode='static' to quantize them")
+    _check_speed(model, result, ctx)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# steps
+
+
+def _check_arguments(model: Any, mode: str, calibration: str, samples: int) -> None:
+    if not isinstance(model, OnnxModel):
+        raise StageError(f"quantize_onnx: expects an ONNX model (the output of export_onnx), but "
+                         f"got {type(model).__name__}; add an export_onnx stage before it")
+    if mode not in QUANTIZE_MODES:
+        raise StageError(f"quantize_onnx: mode must be one of {QUANTIZE_MODES}, but got '{mode}'")
+    if calibration not in CALIBRATION_METHODS:
+        raise StageError(f"quantize_onnx: calibration must be one of {CALIBRATION_METHODS}, but "
+                         f"got '{calibration}'")
+    if samples < 1:
+        raise StageError(f"quantize_onnx: samples must be >= 1, but got {samples}")
+
+
+def _op_types(model: OnnxModel) -> set[str]:
+    import onnx
+
+    proto = onnx.load(str(model.path), load_external_data=False)
+    return {node.op_type for node in proto.graph.node}
+
+
+def _preprocess(source: Path, target: Path, ctx: StageContext) -> None:
+    """``quant_pre_process``: shape inference and fp32 graph optimisation before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
+    except Exception as exc:  # symbolic shape inference fails on some graphs; ONNX's is enough
+        log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
+        try:
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+        except Exception as exc2:
+            ctx.warn(f"quant_pre_process failed ({type(exc2).__name__}: {exc2}); quantizing the "
+                     "graph as exported")
+            import shutil
+
+            shutil.copyfile(source, target)
+
+
+class _Calibration(CalibrationDataReader):
+    """A CalibrationDataReader over the task's calibration samples, in batches."""
+
+    def __init__(self, input_name: str, x: torch.Tensor, batch_size: int) -> None:
+        array = x.float().numpy()
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(
+            [{input_name: array[i:i + batch_size]} for i in range(0, len(array), batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def _quantize_static(source: Path, target: Path, ctx: StageContext, calibration: str,
+                     samples: int, per_channel: bool) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[calibration]
+    input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+    x = ctx.data.calibration(samples, seed=ctx.seed)
+    reader = _Calibration(input_name, x, _CALIBRATION_BATCH)
+    try:
+        quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=None, per_channel=per_channel,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=method,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    except Exception as exc:
+        raise StageError(f"quantize_onnx: static quantization failed: {type(exc).__name__}: "
+                         f"{exc}") from exc
+
+
+def _quantize_dynamic(source: Path, target: Path, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=per_channel, weight_type=QuantType.QInt8)
+    except Exception as exc:
+        raise StageError(f"quantize_onnx: dynamic quantization failed: {type(exc).__name__}: "
+                         f"{exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# what was quantized, and why int8 may not be faster
+
+
+def quantized_nodes(model: OnnxModel) -> dict[str, dict[str, int]]:
+    """Count compute nodes that run in int8 and those left in fp32, by op type.
+
+    In QDQ graphs a compute node (Conv, MatMul, Gemm) counts as quantized when its data input and
+    its weight both come from ``DequantizeLinear``: ONNX Runtime then fuses it into an int8 kernel.
+    Integer operators (``QLinearConv``, ``MatMulInteger``, ...) always count as quantized.
+
+    Returns
+    -------
+    dict
+        ``{"quantized": {op: n}, "fp32": {op: n}}``.
+    """
+    import onnx
+
+    proto = onnx.load(str(model.path), load_external_data=False)
+    dq_outputs = {out for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                  for out in n.output}
+    quantized: dict[str, int] = {}
+    fp32: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.op_type in _INT8_OPS:
+            quantized[node.op_type] = quantized.get(node.op_type, 0) + 1
+        elif node.op_type in _COMPUTE_OPS:
+            int8 = len(node.input) >= 2 and all(i in dq_outputs for i in node.input[:2])
+            bucket = quantized if int8 else fp32
+            bucket[node.op_type] = bucket.get(node.op_type, 0) + 1
+    return {"quantized": dict(sorted(quantized.items())), "fp32": dict(sorted(fp32.items()))}
+
+
+def cpu_int8_features() -> list[str]:
+    """The int8 dot-product instruction sets of this CPU (VNNI, AMX), from ``/proc/cpuinfo``."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    wanted = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+    return [f for f in wanted if f in flags]
+
+
+def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
+                      int8_latency: float) -> str | None:
+    """A warning when ``int8`` is not faster than its ``fp32`` parent, with the likely reasons.
+
+    Parameters
+    ----------
+    fp32, int8 : OnnxModel
+        The parent graph and its quantized version.
+    fp32_latency, int8_latency : float
+        Their latencies (any unit, measured the same way).
+
+    Returns
+    -------
+    str or None
+        ``None`` when int8 is at least 5% faster, else a message naming what to look at.
+
+    Examples
+    --------
+    >>> explain_slow_int8(fp32, int8, fp32_latency=1.0, int8_latency=1.2)  # doctest: +SKIP
+    'int8 is 1.20x the latency of fp32 (not faster): ...'
+    """
+    if int8_latency < 0.95 * fp32_latency:
+        return None
+    import onnx
+
+    reasons = []
+    if not cpu_int8_features():
+        reasons.append("this CPU has no int8 dot-product instructions (VNNI/AMX), so int8 kernels "
+                       "gain little over fp32 FMA")
+    ops = [n.op_type for n in onnx.load(str(int8.path), load_external_data=False).graph.node]
+    if "ConvInteger" in ops:
+        reasons.append("convolutions were quantized dynamically (ConvInteger), which is slower "
+                       "than fp32; use mode='static'")
+    if {"QLinearConv", "QLinearMatMul"} & set(ops):
+        reasons.append("the graph is in QOperator format; QDQ lets ONNX Runtime pick fused int8 "
+                       "kernels")
+    counts = quantized_nodes(int8)
+    if counts["fp32"]:
+        reasons.append(f"compute nodes left in fp32 {counts['fp32']} force int8<->fp32 "
+                       "conversions between quantized ones")
+    q = ops.count("QuantizeLinear") + ops.count("DynamicQuantizeLinear")
+    compute = sum(counts["quantized"].values())
+    if compute and q > 2 * compute:
+        reasons.append(f"{q} QuantizeLinear nodes for {compute} quantized compute nodes: "
+                       "activations are re-quantized often (ops between quantized ones that "
+                       "have no int8 kernel)")
+    if fp32_latency < 1e-4:
+        reasons.append("the model is so small that per-call overhead, not arithmetic, dominates")
+    why = "; ".join(reasons) if reasons else "no obvious cause: profile both graphs"
+    ratio = int8_latency / fp32_latency
+    return f"int8 is {ratio:.2f}x the latency of fp32 (not faster on this CPU). Likely: {why}"
+
+
+def _median_latency(model: OnnxModel, x: np.ndarray, budget_s: float) -> float:
+    sess = model.session("cpu", threads=1)
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: x})  # warm-up
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _check_speed(fp32: OnnxModel, int8: OnnxModel, ctx: StageContext) -> None:
+    """Time both graphs (batch 64, one thread, about a second each); warn when int8 is slower."""
+    x = ctx.data.calibration(_CALIBRATION_BATCH, seed=ctx.seed).float().numpy()
+    try:
+        t32 = _median_latency(fp32, x, 0.5)
+        t8 = _median_latency(int8, x, 0.5)
+    except Exception as exc:  # timing is advice; never fail the stage over it
+        log.info("int8 speed check skipped: %s", exc)
+        return
+    ctx.record("speedup_batch64_1thread", round(t32 / t8, 3))
+    message = explain_slow_int8(fp32, int8, fp32_latency=t32, int8_latency=t8)
+    if message:
+        ctx.warn(message)
