@@ -1,0 +1,7 @@
+"""``python -m kdcompress`` is ``kdcompress``."""
+
+import sys
+
+from kdcompress.cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""The ``kdcompress`` command: ``run`` a pipeline file, re-print a ``report``, show a ``graph``.
+
+Exit codes: 0 success; 1 a stage failed (the report up to it is written and names it);
+2 bad usage or a bad pipeline file (detected before any stage runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from kdcompress.errors import KDCompressError, PipelineError
+
+__all__ = ["main", "load_pipeline"]
+
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(KDCompressError):
+    """Bad command-line usage or pipeline file: exit code 2."""
+
+
+def load_pipeline(path: str | Path):  # -> Pipeline
+    """Execute a pipeline file and return its ``pipeline`` object (or what ``build()`` returns).
+
+    Raises
+    ------
+    UsageError
+        The file is missing, does not parse, raises while defining the pipeline, or defines no
+        pipeline.
+    """
+    from kdcompress.pipeline import Pipeline
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"pipeline file {path} does not exist")
+    module_name = f"_kdcompress_pipeline_{path.stem}".replace("-", "_")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: syntax error: {exc.msg}\n    "
+                         f"{(exc.text or '').strip()}") from exc
+    except KDCompressError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    except Exception as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise UsageError(f"{path}: defining the pipeline raised {type(exc).__name__}: {exc} "
+                         f"(at {Path(frame.filename).name}:{frame.lineno})") from exc
+    pipeline = getattr(module, "pipeline", None)
+    if pipeline is None and callable(getattr(module, "build", None)):
+        pipeline = module.build()
+    if pipeline is None:
+        raise UsageError(f"{path} defines no 'pipeline': end it with "
+                         "pipeline = Pipeline(...) or define build() returning one")
+    if not isinstance(pipeline, Pipeline):
+        raise UsageError(f"{path}: 'pipeline' is a {type(pipeline).__name__}, not a "
+                         "kdcompress.Pipeline")
+    pipeline.validate()
+    return pipeline
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdcompress", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a pipeline file")
+    run.add_argument("file", help="a Python file defining `pipeline`")
+    run.add_argument("--out", help="run folder (default runs/<pipeline name>)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (training device)")
+    run.add_argument("--fresh", action="store_true", help="ignore cached stages")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--only", metavar="STAGE",
+                     help="re-run only this stage (its inputs must be cached)")
+    run.add_argument("--data", metavar="NAME[:DIR]",
+                     help="replace the pipeline's data: digits, or mnist:DIR (IDX files)")
+    run.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default 1)")
+    report = sub.add_parser("report", help="print a run's report again")
+    report.add_argument("run_dir", help="a run folder holding report.json")
+    report.add_argument("--markdown", action="store_true", help="print report.md instead")
+    graph = sub.add_parser("graph", help="print a pipeline's DAG")
+    graph.add_argument("file", help="a Python file defining `pipeline`")
+    graph.add_argument("--image", metavar="PNG", help="also draw the DAG into this image")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kdcompress`` command; returns the exit code."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the whole table
+        console = Console(width=240)
+    err = Console(stderr=True)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help exits 0, bad usage exits 2
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return _run(args, console, err)
+        if args.command == "report":
+            return _report(args, console)
+        return _graph(args, console)
+    except (UsageError, PipelineError) as exc:
+        err.print(f"[red bold]error:[/] {exc}", highlight=False)
+        return EXIT_USAGE
+    except KDCompressError as exc:
+        err.print(f"[red bold]error:[/] {exc}", highlight=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: completed stages are kept; run again to resume")
+        return 130
+
+
+def _run(args: argparse.Namespace, console, err) -> int:
+    from kdcompress import data as data_module
+    from kdcompress.progress import RichProgress
+    from kdcompress.scheduler import RunFailed
+
+    pipeline = load_pipeline(args.file)
+    task = data_module.get(args.data) if args.data else None
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, but got {args.threads}")
+    try:
+        report = pipeline.run(out=args.out, device=args.device, fresh=args.fresh,
+                              until=args.until, only=args.only, data=task, threads=args.threads,
+                              console=RichProgress(console))
+    except RunFailed as exc:
+        err.print(f"[red bold]failed:[/] {exc}", highlight=False)
+        out = args.out or f"runs/{pipeline.name}"
+        err.print(f"the report up to '{exc.stage}' is in {out}/report.md; completed stages are "
+                  "cached, fix the stage and run again to resume")
+        return EXIT_STAGE_FAILED
+    out = args.out or f"runs/{pipeline.name}"
+    console.print(f"report: {out}/report.md, {out}/report.json, {out}/report.png")
+    del report
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, console) -> int:
+    from kdcompress.report import REPORT_MD, load_report, render_table
+
+    report = load_report(args.run_dir)
+    if args.markdown:
+        console.print((Path(args.run_dir) / REPORT_MD).read_text(), markup=False,
+                      highlight=False)
+        return EXIT_OK
+    console.print(render_table(report))
+    for r in report.stages:
+        for flag in r.get("flags", []):
+            console.print(f"[yellow]note[/] {r['name']}: {flag}")
+    return EXIT_STAGE_FAILED if report.failed else EXIT_OK
+
+
+def _graph(args: argparse.Namespace, console) -> int:
+    import networkx as nx
+
+    from kdcompress.scheduler import fingerprint_constant
+
+    pipeline = load_pipeline(args.file)
+    g = pipeline.graph()
+    console.print(f"[bold]{pipeline.name}[/] ({len(g)} stages)")
+    for line in nx.generate_network_text(g, sources=None):
+        console.print(line, markup=False, highlight=False)
+    console.print()
+    for name in pipeline.order():
+        stage = pipeline.stages[name]
+        args_text = [f"{k}={_short(v)}" for k, v in stage.inputs.items()]
+        args_text += [f"{k}={_short(v)}" for k, v in stage.constants.items()]
+        console.print(f"{name} = {stage.fn.__name__}({', '.join(args_text)})", markup=False,
+                      highlight=False)
+        fingerprint_constant(stage.constants, f"stage '{name}'")
+    if args.image:
+        _draw(g, args.image)
+        console.print(f"DAG drawn in {args.image}")
+    return EXIT_OK
+
+
+def _short(value) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _draw(g, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    for layer, nodes in enumerate(nx.topological_generations(g)):
+        for node in nodes:
+            g.nodes[node]["layer"] = layer
+    pos = nx.multipartite_layout(g, subset_key="layer")
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(g)), 3))
+    labels = {n: f"{n}\n{g.nodes[n]['function']}" for n in g}
+    nx.draw_networkx(g, pos, ax=ax, labels=labels, node_color="#dbe9f6", node_size=2600,
+                     font_size=8, arrows=True)
+    ax.axis("off")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

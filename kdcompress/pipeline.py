@@ -1,0 +1,294 @@
+"""Declaring a pipeline: a DAG of stages, checked as it is declared.
+
+>>> from kdcompress import Pipeline, data, models
+>>> from kdcompress.stages import train, decompose_tt
+>>> pipeline = Pipeline("demo", data=data.digits(), seed=0)
+>>> teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=16), epochs=2)
+>>> student = pipeline.stage(decompose_tt, out="student", model=teacher, rank=4)
+>>> pipeline.order()
+['teacher', 'student']
+
+``pipeline.stage`` binds the keywords to the function's signature at once; a keyword whose value is
+a :class:`Handle` (what ``stage`` returns, or ``pipeline.ref("name")`` for a stage declared later)
+is an edge of the DAG, every other keyword is a constant. :meth:`Pipeline.validate` checks the
+whole graph (unknown references, cycles, torch/ONNX kinds) before anything runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from torch import nn
+
+from kdcompress.artifacts import OnnxModel
+from kdcompress.data import Task
+from kdcompress.errors import PipelineError, did_you_mean
+
+__all__ = ["Pipeline", "Handle", "Stage"]
+
+#: Parameters the scheduler fills in itself; a pipeline file never passes them.
+INJECTED = ("data", "ctx")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A reference to a stage's output; pass it as a keyword to later stages."""
+
+    name: str
+    pipeline_id: int = field(repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+@dataclass
+class Stage:
+    """One declared stage: its output name, function, edges and constants."""
+
+    name: str
+    fn: Callable[..., Any]
+    inputs: dict[str, Handle | list[Handle]]
+    constants: dict[str, Any]
+    index: int
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the stages this one reads, in keyword order."""
+        names: list[str] = []
+        for value in self.inputs.values():
+            for handle in value if isinstance(value, list) else [value]:
+                if handle.name not in names:
+                    names.append(handle.name)
+        return names
+
+    @property
+    def function_name(self) -> str:
+        """``module.function`` of the stage's function."""
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+
+def _kind(annotation: Any) -> set[str]:
+    """The artifact kinds ('torch', 'onnx') an annotation admits; empty when unknown."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return set()
+    args = typing.get_args(annotation)
+    if args:
+        kinds: set[str] = set()
+        for arg in args:
+            kinds |= _kind(arg)
+        return kinds
+    if isinstance(annotation, type):
+        if issubclass(annotation, OnnxModel):
+            return {"onnx"}
+        if issubclass(annotation, nn.Module):
+            return {"torch"}
+    return set()
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: kinds are checked when the stage runs
+        return {}
+
+
+class Pipeline:
+    """A compression pipeline: named stages connected by the artifacts they read.
+
+    Parameters
+    ----------
+    name : str
+        Names the run folder (``runs/<name>``) and the report.
+    data : Task, optional
+        The data every stage trains and is measured on; ``data.digits()`` when not given.
+    seed : int
+        Seeds every stage, so a run repeats exactly.
+    baseline : str, optional
+        The stage the others are compared with (ratios, agreement); the first stage by default.
+    """
+
+    def __init__(self, name: str, *, data: Task | None = None, seed: int = 0,
+                 baseline: str | None = None) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise PipelineError(f"pipeline name {name!r} must be a word of letters, digits, '_' "
+                                "or '-' (it names the run folder)")
+        if data is not None and not isinstance(data, Task):
+            raise PipelineError(f"Pipeline(data=...) takes a kdcompress.data.Task, but got "
+                                f"{type(data).__name__}; wrap your data with "
+                                "data.from_tensors(...) or data.from_datasets(...)")
+        self.name = name
+        self.data = data
+        self.seed = seed
+        self.baseline = baseline
+        self.stages: dict[str, Stage] = {}
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, stages={list(self.stages)})"
+
+    def ref(self, name: str) -> Handle:
+        """A reference to stage ``name`` by its name, which may be declared later."""
+        return Handle(name, id(self))
+
+    def stage(self, fn: Callable[..., Any], *, out: str, **kwargs: Any) -> Handle:
+        """Declare a stage: ``out = fn(**kwargs)``; returns a handle to its output.
+
+        Raises
+        ------
+        PipelineError
+            On a duplicate or malformed name, a keyword the function does not take, a missing
+            required keyword, or a handle from another pipeline.
+        """
+        if not callable(fn):
+            raise PipelineError(f"stage '{out}': {fn!r} is not a function")
+        if not isinstance(out, str) or not _NAME.match(out):
+            raise PipelineError(f"stage name {out!r} must be a word of letters, digits, '_' "
+                                "or '-'")
+        if out in self.stages:
+            raise PipelineError(f"stage '{out}' is declared twice; give each stage its own "
+                                "out= name")
+        label = f"stage '{out}' ({getattr(fn, '__name__', fn)})"
+        signature = inspect.signature(fn)
+        for key in INJECTED:
+            if key in kwargs and key in signature.parameters:
+                raise PipelineError(f"{label}: '{key}' is supplied by the pipeline; remove "
+                                    f"{key}=... (set the data with Pipeline(data=...))")
+        try:
+            signature.bind_partial(**kwargs)
+        except TypeError as exc:
+            accepted = [p for p in signature.parameters if p not in INJECTED]
+            unknown = [k for k in kwargs if k not in signature.parameters]
+            hint = did_you_mean(unknown[0], accepted) if unknown else ""
+            raise PipelineError(f"{label}: {exc}.{hint} It accepts: "
+                                f"{', '.join(accepted)}") from exc
+        missing = [p.name for p in signature.parameters.values()
+                   if p.default is inspect.Parameter.empty and p.name not in kwargs
+                   and p.name not in INJECTED
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if missing:
+            raise PipelineError(f"{label} needs {', '.join(f'{m}=' for m in missing)}")
+        inputs: dict[str, Handle | list[Handle]] = {}
+        constants: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            handles = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(h, Handle) for h in handles):
+                if not all(isinstance(h, Handle) for h in handles):
+                    raise PipelineError(f"{label}: {key}= mixes stage outputs with other values")
+                for h in handles:
+                    if h.pipeline_id != id(self):
+                        raise PipelineError(f"{label}: {key}=<{h.name}> belongs to another "
+                                            "pipeline")
+                inputs[key] = list(handles) if isinstance(value, (list, tuple)) else value
+            else:
+                constants[key] = value
+        from kdcompress.scheduler import fingerprint_constant
+
+        for key, value in constants.items():
+            fingerprint_constant(value, f"{label}, {key}=")
+        self.stages[out] = Stage(out, fn, inputs, constants, len(self.stages))
+        return Handle(out, id(self))
+
+    # --- the graph -------------------------------------------------------------------------
+
+    def graph(self) -> nx.DiGraph:
+        """The DAG: one node per stage, an edge from each input to its reader."""
+        g = nx.DiGraph()
+        for stage in self.stages.values():
+            g.add_node(stage.name, function=stage.fn.__name__, index=stage.index)
+        for stage in self.stages.values():
+            for name in stage.input_names:
+                g.add_edge(name, stage.name)
+        return g
+
+    def validate(self) -> None:
+        """Check the whole pipeline before anything runs.
+
+        Raises
+        ------
+        PipelineError
+            No stages; a stage reading an output no stage produces ("did you mean");
+            a cycle; a torch stage fed an ONNX model (or the reverse); an unknown baseline.
+        """
+        if not self.stages:
+            raise PipelineError(f"pipeline '{self.name}' has no stages; add some with "
+                                "pipeline.stage(fn, out=..., ...)")
+        for stage in self.stages.values():
+            for name in stage.input_names:
+                if name not in self.stages:
+                    raise PipelineError(f"stage '{stage.name}' reads '{name}', which no stage "
+                                        f"produces.{did_you_mean(name, self.stages)}")
+        g = self.graph()
+        if not nx.is_directed_acyclic_graph(g):
+            cycle = " -> ".join(a for a, _ in nx.find_cycle(g))
+            raise PipelineError(f"pipeline '{self.name}' has a cycle: {cycle} -> "
+                                f"{nx.find_cycle(g)[0][0]}")
+        for stage in self.stages.values():
+            hints = _hints(stage.fn)
+            for key, value in stage.inputs.items():
+                wanted = _kind(hints.get(key, inspect.Parameter.empty))
+                for handle in value if isinstance(value, list) else [value]:
+                    produced = self.output_kind(handle.name)
+                    if wanted and produced and not (produced & wanted):
+                        fix = ("export it first with export_onnx" if "onnx" in wanted else
+                               "read the output of a stage before export_onnx")
+                        raise PipelineError(
+                            f"stage '{stage.name}' ({stage.fn.__name__}) takes a "
+                            f"{'/'.join(sorted(wanted))} model as {key}=, but '{handle.name}' is "
+                            f"a {'/'.join(sorted(produced))} model (from "
+                            f"{self.stages[handle.name].fn.__name__}); {fix}")
+        if self.baseline is not None and self.baseline not in self.stages:
+            raise PipelineError(f"baseline '{self.baseline}' is not a stage."
+                                f"{did_you_mean(self.baseline, self.stages)}")
+
+    def output_kind(self, name: str) -> set[str]:
+        """Artifact kinds stage ``name`` can return, from its return annotation."""
+        return _kind(_hints(self.stages[name].fn).get("return", inspect.Parameter.empty))
+
+    def order(self) -> list[str]:
+        """Stage names in execution order (topological, ties broken by declaration order)."""
+        self.validate()
+        g = self.graph()
+        return list(nx.lexicographical_topological_sort(g, key=lambda n: g.nodes[n]["index"]))
+
+    def baseline_name(self) -> str:
+        """The stage every other one is compared with."""
+        return self.baseline or self.order()[0]
+
+    def run(self, *, out: str | Path | None = None, device: str = "cpu", fresh: bool = False,
+            until: str | None = None, only: str | None = None, data: Task | None = None,
+            threads: int = 1, console: Any = None) -> Any:
+        """Run the pipeline; return its :class:`~kdcompress.report.Report`.
+
+        Parameters
+        ----------
+        out : path, optional
+            Run folder; ``runs/<name>`` by default.
+        device : {"cpu", "cuda"}
+            Where training happens; latency is measured on the CPU, and on CUDA when used.
+        fresh : bool
+            Ignore cached stages and recompute everything.
+        until : str, optional
+            Stop after this stage (and what it needs).
+        only : str, optional
+            Re-run just this stage; its inputs must already be in the run folder.
+        data : Task, optional
+            Replaces the pipeline's data for this run.
+        threads : int
+            CPU threads used when measuring latency.
+
+        Raises
+        ------
+        kdcompress.scheduler.RunFailed
+            A stage failed; the report up to it is written and names it.
+        """
+        from kdcompress.scheduler import Scheduler
+
+        return Scheduler(self, out=out, device=device, fresh=fresh, until=until, only=only,
+                         data=data, threads=threads, console=console).run()

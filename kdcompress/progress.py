@@ -1,0 +1,148 @@
+"""What the terminal shows while a pipeline runs: a growing table and a progress bar.
+
+The scheduler reports events to a :class:`Progress`; :class:`RichProgress` draws them with rich,
+:class:`NullProgress` only logs (library use, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kdcompress.context import ProgressFn
+
+__all__ = ["Progress", "NullProgress", "RichProgress"]
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Receives the scheduler's events; every method is optional to override."""
+
+    def start(self, pipeline: str, planned: list[str]) -> None:
+        """The run starts with these stages."""
+
+    def stage_started(self, name: str, function: str, cached: bool) -> None:
+        """A stage starts (or is loaded from the cache)."""
+
+    def epoch_callback(self, name: str) -> ProgressFn | None:
+        """A function the stage calls after each epoch, or ``None``."""
+        return None
+
+    def stage_finished(self, row: dict[str, Any], report: Any) -> None:
+        """A stage completed and was measured."""
+
+    def stage_failed(self, name: str, message: str) -> None:
+        """A stage raised."""
+
+    def warn(self, name: str, message: str) -> None:
+        """A stage left a warning."""
+
+    def stop(self) -> None:
+        """The run ended (successfully or not)."""
+
+
+class NullProgress(Progress):
+    """Logs events through :mod:`logging` and draws nothing."""
+
+    def stage_finished(self, row: dict[str, Any], report: Any) -> None:
+        log.info("%s: accuracy %.4f, %d bytes", row["name"], row["accuracy"], row["size_bytes"])
+
+    def warn(self, name: str, message: str) -> None:
+        log.warning("%s: %s", name, message)
+
+
+class RichProgress(Progress):
+    """Draws the per-stage table as it grows, with a progress bar for training epochs.
+
+    On a terminal the table and the bar are live; elsewhere (CI logs, pipes) each finished stage
+    prints one line and the whole table is printed at the end.
+    """
+
+    def __init__(self, console: Any = None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.live: Any = None
+        self.bar: Any = None
+        self.task_id: Any = None
+        self.report: Any = None
+
+    def start(self, pipeline: str, planned: list[str]) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console.print(f"[bold]{pipeline}[/]: {' -> '.join(planned)}")
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                            console=self.console, transient=True)
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self._renderable(), console=self.console, refresh_per_second=8)
+            self.live.start()
+
+    def _renderable(self) -> Any:
+        from rich.console import Group
+
+        from kdcompress.report import render_table
+
+        parts = [render_table(self.report)] if self.report is not None and self.report.stages \
+            else []
+        return Group(*parts, self.bar)
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._renderable())
+
+    def stage_started(self, name: str, function: str, cached: bool) -> None:
+        if self.task_id is not None:
+            self.bar.remove_task(self.task_id)
+        what = "loading from cache" if cached else "running"
+        self.task_id = self.bar.add_task(f"{name} ({function}): {what}", total=None, info="")
+        self._refresh()
+
+    def epoch_callback(self, name: str) -> ProgressFn | None:
+        def update(description: str, completed: int, total: int, info: str = "") -> None:
+            self.bar.update(self.task_id, description=f"{name} ({description})",
+                            completed=completed, total=total, info=info)
+            if self.live is None and completed == total:
+                self.console.print(f"  {name}: {description} {completed}/{total} {info}")
+
+        return update
+
+    def stage_finished(self, row: dict[str, Any], report: Any) -> None:
+        self.report = report
+        if self.live is None:
+            lat = row["latency_ms"].get("batch_64", {}).get("p50")
+            self.console.print(
+                f"[green]done[/] {row['name']}: {row['params']} params, {row['size_bytes']} "
+                f"bytes, b64 {lat} ms, accuracy {100 * row['accuracy']:.2f}%"
+                + (" (cached)" if row["cached"] else ""))
+        for flag in row.get("flags", []):
+            self.console.print(f"[yellow]note[/] {row['name']}: {flag}")
+        self._refresh()
+
+    def stage_failed(self, name: str, message: str) -> None:
+        self.console.print(f"[red bold]stage '{name}' failed:[/] {message}")
+
+    def warn(self, name: str, message: str) -> None:
+        self.console.print(f"[yellow]warning[/] {name}: {message}")
+
+    def stop(self) -> None:
+        if self.task_id is not None:
+            self.bar.remove_task(self.task_id)
+            self.task_id = None
+        if self.live is not None:
+            self.live.update(self._renderable())
+            self.live.stop()
+            self.live = None
+        elif self.report is not None and self.report.stages:
+            from kdcompress.report import render_table
+
+            self.console.print(render_table(self.report))
