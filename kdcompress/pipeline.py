@@ -263,7 +263,7 @@ class Pipeline:
 
     def run(self, *, out: str | Path | None = None, device: str = "cpu", fresh: bool = False,
             until: str | None = None, only: str | None = None, data: Task | None = None,
-            threads: int = 1, console: Any = None) -> Any:
+            threads: int = 1, measure: Any = None, console: Any = None) -> Any:
         """Run the pipeline; return its :class:`~kdcompress.report.Report`.
 
         Parameters
@@ -282,6 +282,10 @@ class Pipeline:
             Replaces the pipeline's data for this run.
         threads : int
             CPU threads used when measuring latency.
+        measure : kdcompress.metrics.MeasureConfig, optional
+            Measurement settings (repeats, batch sizes); ``threads`` is used when not given.
+        console : kdcompress.progress.Progress, optional
+            Receives progress events; ``RichProgress()`` draws the table in the terminal.
 
         Raises
         ------
@@ -291,4 +295,4 @@ class Pipeline:
         from kdcompress.scheduler import Scheduler
 
         return Scheduler(self, out=out, device=device, fresh=fresh, until=until, only=only,
-                         data=data, threads=threads, console=console).run()
+                         data=data, threads=threads, measure=measure, console=console).run()

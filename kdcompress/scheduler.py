@@ -29,7 +29,7 @@ import kdcompress
 from kdcompress.artifacts import OnnxModel, load_module, module_spec, save_module
 from kdcompress.context import StageContext
 from kdcompress.data import Task, digits
-from kdcompress.errors import KDCompressError, PipelineError, StageError, did_you_mean
+from kdcompress.errors import PipelineError, StageError, did_you_mean
 from kdcompress.fsutil import atomic_write_text
 from kdcompress.metrics import MeasureConfig, measure
 from kdcompress.models import ModelSpec
@@ -137,7 +137,7 @@ class Scheduler:
     def __init__(self, pipeline: Pipeline, *, out: str | Path | None = None, device: str = "cpu",
                  fresh: bool = False, until: str | None = None, only: str | None = None,
                  data: Task | None = None, threads: int = 1,
-                 console: Progress | None = None) -> None:
+                 measure: MeasureConfig | None = None, console: Progress | None = None) -> None:
         self.pipeline = pipeline
         self.order = pipeline.order()
         for flag, name in (("until", until), ("only", only)):
@@ -157,14 +157,16 @@ class Scheduler:
         self.run_dir = Path(out) if out is not None else Path("runs") / pipeline.name
         self.stage_dir = self.run_dir / "stages"
         self.progress = console or NullProgress()
-        self.measure_config = MeasureConfig(threads=threads, cuda=self.device.type == "cuda")
+        self.measure_config = measure or MeasureConfig(threads=threads,
+                                                       cuda=self.device.type == "cuda")
         self.baseline = pipeline.baseline_name()
         self.artifacts: dict[str, Any] = {}
         self.fingerprints: dict[str, str] = {}
         self.baseline_predictions: torch.Tensor | None = None
         self.report = Report(pipeline=pipeline.name, device=str(self.device),
                              world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                             data=self.task.name, threads=threads, baseline=self.baseline,
+                             data=self.task.name, threads=self.measure_config.threads,
+                             baseline=self.baseline,
                              edges=[list(e) for e in pipeline.graph().edges])
 
     # -- planning ---------------------------------------------------------------------------
@@ -280,9 +282,7 @@ class Scheduler:
             if stage.name == self.baseline:
                 self.baseline_predictions = self._predictions_of(stage.name)
             row = self._measure(stage, artifact, meta, cached)
-        except KDCompressError as exc:
-            self._fail(stage, exc, time.perf_counter() - started)
-        except Exception as exc:  # a stage's own code failed: keep the report, name the stage
+        except Exception as exc:  # keep the report and the completed stages, name the stage
             self._fail(stage, exc, time.perf_counter() - started)
         self.report.add(row)
         self.report.save(self.run_dir)
