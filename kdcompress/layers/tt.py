@@ -546,6 +546,9 @@ class TTConv2d(nn.Module):
         return (self.padding[0], 0), (0, self.padding[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W)
+        if getattr(self, "_dense_trace", False):  # one conv, for torch-pruning's trace
+            return F.conv2d(x, self.full_weight().detach(), self.bias, self.stride,
+                            self.padding, self.dilation)
         (sh, sw), (dh, dw) = self.stride, self.dilation
         pad_h, pad_w = self._axis_padding()
         x = F.conv2d(x, self.core0)  # (B, r1, H, W)
