@@ -66,7 +66,7 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -258,6 +258,8 @@ class Scheduler:
         for key, value in stage.constants.items():
             if isinstance(value, ModelSpec):
                 value = value.build(self.task.input_shape, self.task.num_classes)
+            else:  # a module or tensor constant belongs to the pipeline: the stage gets a copy
+                value = copy.deepcopy(value)
             kwargs[key] = value
         for key, value in stage.inputs.items():
             handles = value if isinstance(value, list) else [value]

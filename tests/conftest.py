@@ -1,0 +1,50 @@
+"""Shared fixtures of the engine tests: tiny data, fast measurement, no plotting unless asked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdcompress import data
+from kdcompress.metrics import MeasureConfig
+
+# The suite shares two cores with whatever else runs; one intra-op thread avoids oversubscription.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits_task() -> data.Task:
+    """scikit-learn's 8x8 digits, the embedded default data."""
+    return data.digits()
+
+
+@pytest.fixture(scope="session")
+def tiny_task() -> data.Task:
+    """96 training and 48 test images of shape (1, 8, 8) in 4 classes; measures in milliseconds."""
+    g = torch.Generator().manual_seed(0)
+    y_train = torch.arange(96) % 4
+    y_test = torch.arange(48) % 4
+    x_train = torch.randn(96, 1, 8, 8, generator=g) + y_train.view(-1, 1, 1, 1)
+    x_test = torch.randn(48, 1, 8, 8, generator=g) + y_test.view(-1, 1, 1, 1)
+    return data.from_tensors(x_train, y_train, x_test, y_test, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def fast_measure() -> MeasureConfig:
+    """Two timed runs after one warm-up: enough to fill every field of a row."""
+    return MeasureConfig(repeats=2, warmup=1, min_seconds=0.0)
+
+
+@pytest.fixture
+def real_plot() -> None:
+    """Request this fixture to draw report.png with matplotlib instead of a placeholder."""
+
+
+@pytest.fixture(autouse=True)
+def _placeholder_plot(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """report.png is redrawn after every stage; tests that do not look at it skip matplotlib."""
+    if "real_plot" in request.fixturenames:
+        return
+    from kdcompress import report
+
+    monkeypatch.setattr(report, "plot", lambda rep, path: path.write_bytes(b"png"))

@@ -1,0 +1,174 @@
+"""Declaring a pipeline: every mistake is caught before anything runs, naming the stage at fault."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdcompress import OnnxModel, Pipeline, models
+from kdcompress.errors import PipelineError
+from kdcompress.stages import train
+
+
+def shrink(model: nn.Module, *, ratio: float = 0.5) -> nn.Module:
+    return model
+
+
+def export(model: nn.Module) -> OnnxModel:
+    raise AssertionError("never run")
+
+
+def optimize(model: OnnxModel) -> OnnxModel:
+    raise AssertionError("never run")
+
+
+def combine(models: list[nn.Module]) -> nn.Module:
+    return models[0]
+
+
+def uses_data(model: nn.Module, data=None, ctx=None) -> nn.Module:
+    return model
+
+
+@pytest.fixture
+def pipeline() -> Pipeline:
+    return Pipeline("decl")
+
+
+def test_handles_are_edges_and_the_rest_constants(pipeline):
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    student = pipeline.stage(shrink, out="student", model=teacher, ratio=0.3)
+    both = pipeline.stage(combine, out="both", models=[teacher, student])
+    stage = pipeline.stages["student"]
+    assert stage.inputs == {"model": teacher}
+    assert stage.constants == {"ratio": 0.3}
+    assert pipeline.stages["both"].input_names == ["teacher", "student"]
+    assert set(pipeline.graph().edges) == {("teacher", "student"), ("teacher", "both"),
+                                           ("student", "both")}
+    assert both.name == "both"
+
+
+def test_unknown_keyword_names_the_stage_and_suggests(pipeline):
+    with pytest.raises(PipelineError, match=r"stage 'teacher' \(train\).*epoch.*"
+                                            r"Did you mean 'epochs'\?"):
+        pipeline.stage(train, out="teacher", model=models.cnn(width=8), epoch=1)
+    assert "teacher" not in pipeline.stages
+
+
+def test_missing_required_keyword(pipeline):
+    with pytest.raises(PipelineError, match=r"stage 'teacher' \(train\) needs model="):
+        pipeline.stage(train, out="teacher", epochs=1)
+
+
+def test_duplicate_out_name(pipeline):
+    pipeline.stage(train, out="teacher", model=models.cnn(width=8))
+    with pytest.raises(PipelineError, match="stage 'teacher' is declared twice"):
+        pipeline.stage(train, out="teacher", model=models.cnn(width=16))
+
+
+@pytest.mark.parametrize("key", ["data", "ctx"])
+def test_injected_keywords_cannot_be_passed(pipeline, key):
+    with pytest.raises(PipelineError, match=f"stage 'x' \\(uses_data\\): '{key}' is supplied by "
+                                            "the pipeline"):
+        pipeline.stage(uses_data, out="x", model=models.mlp(), **{key: None})
+
+
+@pytest.mark.parametrize("name", ["has space", "", "1abc", "a/b", None])
+def test_bad_pipeline_and_stage_names(name):
+    with pytest.raises(PipelineError, match="must be a word"):
+        Pipeline(name)
+    with pytest.raises(PipelineError, match="must be a word"):
+        Pipeline("ok").stage(shrink, out=name, model=models.mlp())
+
+
+def test_data_must_be_a_task():
+    with pytest.raises(PipelineError, match=r"takes a kdcompress.data.Task, but got Tensor"):
+        Pipeline("p", data=torch.zeros(3))
+
+
+def test_unknown_ref_suggests_the_closest_stage(pipeline):
+    pipeline.stage(train, out="student_kd", model=models.mlp())
+    pipeline.stage(shrink, out="pruned", model=pipeline.ref("student_kdd"))
+    with pytest.raises(PipelineError, match=r"stage 'pruned' reads 'student_kdd', which no stage "
+                                            r"produces\. Did you mean 'student_kd'\?"):
+        pipeline.validate()
+
+
+def test_ref_to_a_stage_declared_later_is_ordered_first(pipeline):
+    pipeline.stage(shrink, out="late_reader", model=pipeline.ref("early"))
+    pipeline.stage(train, out="early", model=models.mlp())
+    assert pipeline.order() == ["early", "late_reader"]
+
+
+def test_cycle_through_refs(pipeline):
+    a = pipeline.stage(shrink, out="a", model=pipeline.ref("c"))
+    b = pipeline.stage(shrink, out="b", model=a)
+    pipeline.stage(shrink, out="c", model=b)
+    with pytest.raises(PipelineError, match=r"pipeline 'decl' has a cycle: .*a.*b.*c"):
+        pipeline.validate()
+    with pytest.raises(PipelineError, match="cycle"):
+        pipeline.order()
+
+
+def test_torch_stage_fed_an_onnx_model(pipeline):
+    teacher = pipeline.stage(train, out="teacher", model=models.mlp())
+    fp32 = pipeline.stage(export, out="fp32", model=teacher)
+    pipeline.stage(shrink, out="pruned", model=fp32)
+    with pytest.raises(PipelineError, match=r"stage 'pruned' \(shrink\) takes a torch model as "
+                                            r"model=, but 'fp32' is a onnx model \(from export\)"):
+        pipeline.validate()
+
+
+def test_onnx_stage_fed_a_torch_model(pipeline):
+    teacher = pipeline.stage(train, out="teacher", model=models.mlp())
+    pipeline.stage(optimize, out="fast", model=teacher)
+    with pytest.raises(PipelineError, match=r"stage 'fast' \(optimize\) takes a onnx model as "
+                                            r"model=, but 'teacher' is a torch model.*export_onnx"):
+        pipeline.validate()
+
+
+def test_onnx_into_onnx_is_fine(pipeline):
+    teacher = pipeline.stage(train, out="teacher", model=models.mlp())
+    fp32 = pipeline.stage(export, out="fp32", model=teacher)
+    pipeline.stage(optimize, out="fast", model=fp32)
+    assert pipeline.order() == ["teacher", "fp32", "fast"]
+
+
+def test_unfingerprintable_constant_is_rejected_at_declaration(pipeline):
+    with pytest.raises(PipelineError, match=r"stage 'x' \(shrink\), ratio= <object object at .*"
+                                            r"cannot be fingerprinted"):
+        pipeline.stage(shrink, out="x", model=models.mlp(), ratio=object())
+
+
+def test_handle_from_another_pipeline(pipeline):
+    other = Pipeline("other")
+    foreign = other.stage(train, out="teacher", model=models.mlp())
+    with pytest.raises(PipelineError, match=r"stage 'student' \(shrink\): model=<teacher> belongs "
+                                            "to another pipeline"):
+        pipeline.stage(shrink, out="student", model=foreign)
+
+
+def test_handles_mixed_with_values(pipeline):
+    teacher = pipeline.stage(train, out="teacher", model=models.mlp())
+    with pytest.raises(PipelineError, match="models= mixes stage outputs with other values"):
+        pipeline.stage(combine, out="both", models=[teacher, nn.Linear(2, 2)])
+
+
+def test_unknown_baseline():
+    pipeline = Pipeline("p", baseline="teacherr")
+    pipeline.stage(train, out="teacher", model=models.mlp())
+    with pytest.raises(PipelineError, match=r"baseline 'teacherr' is not a stage\. "
+                                            r"Did you mean 'teacher'\?"):
+        pipeline.validate()
+
+
+def test_empty_pipeline(pipeline):
+    with pytest.raises(PipelineError, match="pipeline 'decl' has no stages"):
+        pipeline.validate()
+
+
+def test_baseline_defaults_to_the_first_stage_in_order(pipeline):
+    pipeline.stage(shrink, out="student", model=pipeline.ref("teacher"))
+    pipeline.stage(train, out="teacher", model=models.mlp())
+    assert pipeline.baseline_name() == "teacher"
