@@ -253,7 +253,8 @@ class _Run:
                 yield x, y, None
             return
         same_order = DataLoader(_Indexed(loader.dataset), batch_size=loader.batch_size,
-                                sampler=loader.sampler, drop_last=loader.drop_last)
+                                sampler=loader.sampler, drop_last=loader.drop_last,
+                                generator=loader.generator)
         yield from same_order
 
     def fit(self, student: nn.Module, teachers: list[nn.Module], loss: DistillLoss, *,
@@ -287,8 +288,8 @@ class _Run:
     def _loop(self, student, teachers, loss, captures, generation, ema_decay) -> None:
         ctx = self.ctx
         s_capture, t_captures = captures[0], captures[1:]
-        cache = _TeacherCache(len(ctx.data.split("train"))) if self._use_cache(ema_decay) \
-            else None
+        cache = self._fill_cache(teachers, t_captures, loss.teacher_layers()) \
+            if self._use_cache(ema_decay) else None
         optimizer = scheduler = None
         steps = 0
         split = "val" if ctx.data.val is not None else "train"
@@ -332,6 +333,16 @@ class _Run:
                              self.generations * self.epochs, info)
         ctx.record("loss_parts", means)
         ctx.record(f"{split}_acc", acc)
+
+    def _fill_cache(self, teachers, captures, names) -> _TeacherCache:
+        """One pass of the teachers over the whole training split, in order."""
+        train = self.ctx.data.split("train")
+        cache = _TeacherCache(len(train))  # type: ignore[arg-type]
+        in_order = DataLoader(_Indexed(train), batch_size=self.batch_size,
+                              generator=torch.Generator())  # leaves the global RNG alone
+        for x, _, index in in_order:
+            self._teacher_outputs(x.to(self.ctx.device), index, teachers, captures, cache, names)
+        return cache
 
     @torch.no_grad()
     def _teacher_outputs(self, x, index, teachers, captures, cache, names):

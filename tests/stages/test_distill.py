@@ -1,0 +1,171 @@
+"""The distill stage on digits: it teaches, never mutates its inputs, fails early and clearly."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kdcompress import data as kd_data
+from kdcompress.context import StageContext
+from kdcompress.errors import LossError, StageError
+from kdcompress.losses import AT, CE, KD, RKD, FitNet
+from kdcompress.stages.distill import _ema_update, distill
+from kdcompress.training import accuracy
+
+
+class Net(nn.Module):
+    """A small CNN for 8x8 digits with named blocks."""
+
+    def __init__(self, width: int = 8, hidden: int = 32) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU())
+        self.pool = nn.MaxPool2d(2)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(width * 16, hidden), nn.ReLU())
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.fc(self.embed(self.pool(self.conv(x))))
+
+
+@pytest.fixture(scope="module")
+def task():
+    return kd_data.digits()
+
+
+@pytest.fixture(scope="module")
+def teacher(task):
+    torch.manual_seed(0)
+    model = Net(width=8, hidden=64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = task.arrays("train")
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    assert accuracy(model, task, "val") > 0.9
+    return model
+
+
+def _ctx(task, seed=0):
+    events = []
+    ctx = StageContext.standalone("student_kd", task, seed=seed)
+    ctx.progress = lambda *args: events.append(args)
+    return ctx, events
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_kd_teaches_a_small_student_and_leaves_inputs_alone(task, teacher):
+    torch.manual_seed(1)
+    student = Net(width=4, hidden=16)
+    s_state, t_state = _state(student), _state(teacher)
+    student.train()
+    before = accuracy(student, task, "val")
+    ctx, events = _ctx(task)
+    out = distill(student, teacher, loss=KD(temperature=4) * 0.9 + CE() * 0.1, epochs=4, lr=1e-2,
+                  ctx=ctx)
+    assert accuracy(out, task, "test") > max(0.8, before + 0.5)
+    assert out is not student and not out.training
+    assert next(out.parameters()).device.type == "cpu"
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, s_state[k])
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, t_state[k])
+    assert student.training and not teacher.training
+    for m in list(out.modules()) + list(teacher.modules()):
+        assert not m._forward_hooks
+    assert [e[1:3] for e in events] == [(i, 4) for i in range(1, 5)]
+    assert "kd " in events[-1][3] and "ce " in events[-1][3] and "val_acc" in events[-1][3]
+    assert set(ctx.details["loss_parts"]) == {"loss", "kd", "ce"}
+
+
+def test_feature_loss_adapters_stay_out_of_the_student(task, teacher):
+    student = Net(width=4, hidden=16)
+    loss = KD() + FitNet(["conv", "embed"], ["conv", "embed"]) + AT("conv", "conv") * 100
+    out = distill(student, teacher, loss=loss, epochs=1, data=task)
+    assert type(out) is Net
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in student.parameters())
+    assert len(loss.leaves()[1].adapters) == 0, "the caller's loss must not be changed"
+
+
+def test_unknown_layer_is_a_loss_error_with_a_suggestion(task, teacher):
+    with pytest.raises(LossError, match="student.*no submodule 'embd'.*Did you mean 'embed'"):
+        distill(Net(), teacher, loss=FitNet("embd", "embed"), epochs=1, data=task)
+
+
+def test_impossible_pairing_fails_before_training(task, teacher):
+    student = Net()
+    steps = []
+    student.register_full_backward_hook(lambda *a: steps.append(1))
+    with pytest.raises(LossError, match=r"student layer 'conv' \(64, 8, 8, 8\).*teacher "
+                                        r"layer 'embed' \(64, 64\)"):
+        distill(student, teacher, loss=FitNet("conv", "embed"), epochs=1, data=task)
+    assert not steps
+
+
+def test_several_teachers_with_confidence_weights(task, teacher):
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.fc.weight.mul_(-1)  # a bad teacher
+    acc = {}
+    for weighting in ("mean", "confidence"):
+        ctx, _ = _ctx(task)
+        out = distill(Net(width=4, hidden=16), [teacher, other], loss=KD() * 0.9 + RKD() * 0.1
+                      + CE() * 0.1, epochs=2, lr=1e-2, teacher_weighting=weighting, ctx=ctx)
+        acc[weighting] = accuracy(out, task, "test")
+    assert acc["confidence"] > acc["mean"] + 0.1
+    assert {"rkd_distance", "rkd_angle"} <= set(ctx.details["loss_parts"])
+
+
+def test_teacher_cache_gives_the_same_student_with_one_teacher_pass(task, teacher):
+    calls = []
+    counted = copy.deepcopy(teacher)
+    counted.register_forward_hook(lambda *a: calls.append(1))
+    loss = KD() + FitNet("embed", "embed")
+    student = Net()
+    cached = distill(student, counted, loss=loss, epochs=3, cache_teacher=True, data=task)
+    n_batches = math.ceil(len(task.split("train")) / 64)
+    live = distill(student, teacher, loss=loss, epochs=3, data=task)
+    for a, b in zip(cached.parameters(), live.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert len(calls) == n_batches
+
+
+def test_born_again_generation_learns_from_a_snapshot_of_itself(task, teacher):
+    ctx, events = _ctx(task)
+    out = distill(teacher, None, self_distill="born_again", generations=2, epochs=2, lr=1e-2,
+                  ctx=ctx)
+    assert [e[1:3] for e in events] == [(i, 4) for i in range(1, 5)]
+    assert not torch.equal(out.fc.weight, teacher.fc.weight)
+    assert accuracy(out, task, "test") > 0.8
+
+
+def test_ema_self_distillation_runs(task):
+    out = distill(Net(), None, self_distill="ema", ema_decay=0.9, epochs=2, lr=1e-2,
+                  loss=KD() * 0.5 + CE(), data=task)
+    assert accuracy(out, task, "test") > 0.6
+
+
+def test_ema_update_averages_weights():
+    ema, model = nn.Linear(2, 2), nn.Linear(2, 2)
+    old = ema.weight.detach().clone()
+    _ema_update(ema, model, 0.75)
+    torch.testing.assert_close(ema.weight, 0.75 * old + 0.25 * model.weight.detach())
+
+
+def test_bad_arguments(task, teacher):
+    with pytest.raises(StageError, match="needs a teacher"):
+        distill(Net(), None, data=task)
+    with pytest.raises(StageError, match="pass teacher=None"):
+        distill(Net(), teacher, self_distill="ema", data=task)
+    with pytest.raises(StageError, match="teacher_weighting"):
+        distill(Net(), teacher, teacher_weighting="max", data=task)
+    with pytest.raises(LossError, match="kdcompress.losses loss"):
+        distill(Net(), teacher, loss=nn.MSELoss(), data=task)
+    with pytest.raises(StageError, match="needs data"):
+        distill(Net(), teacher)
