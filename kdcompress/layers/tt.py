@@ -644,8 +644,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 def _layer_inputs(model: nn.Module, names: list[str], example_input: torch.Tensor
                   ) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda mod, args, out, n=n: seen.setdefault(n, args[0].detach())) for n in names]
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            seen.setdefault(name, args[0].detach())
+        return record
+
+    hooks = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
             model(example_input)
