@@ -94,12 +94,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kdcompress`` command; returns the exit code."""
-    from rich.console import Console
+    from kdcompress.progress import make_console
 
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: wide enough for the whole table
-        console = Console(width=240)
-    err = Console(stderr=True)
+    console = make_console()
+    err = make_console(stderr=True)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help exits 0, bad usage exits 2

@@ -11,9 +11,19 @@ from typing import Any
 
 from kdcompress.context import ProgressFn
 
-__all__ = ["Progress", "NullProgress", "RichProgress"]
+__all__ = ["Progress", "NullProgress", "RichProgress", "make_console"]
 
 log = logging.getLogger(__name__)
+
+
+def make_console(**kwargs: Any) -> Any:
+    """A rich console; when output is not a terminal (logs, pipes), wide enough for the table."""
+    from rich.console import Console
+
+    console = Console(**kwargs)
+    if not console.is_terminal:
+        console = Console(width=240, **kwargs)
+    return console
 
 
 class Progress:
@@ -60,9 +70,7 @@ class RichProgress(Progress):
     """
 
     def __init__(self, console: Any = None) -> None:
-        from rich.console import Console
-
-        self.console = console or Console()
+        self.console = console or make_console()
         self.live: Any = None
         self.bar: Any = None
         self.task_id: Any = None
