@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,7 @@ IMPORTANCES = ("magnitude", "l1", "l2", "taylor", "lamp")
 _TAYLOR_BATCHES = 4
 _BATCH_SIZE = 64
 _TEMPERATURE = 4.0
+_RECOVERY_LR = 3e-3
 
 
 def prune(
@@ -239,7 +241,9 @@ def _tt_support(model: nn.Module, example: torch.Tensor,
     try:
         from kdcompress.layers.tt_prune import dense_trace, tt_pruner_kwargs
     except ImportError:
-        yield {"ignored_layers": _tt_protected(model, example, tt, ignored)}
+        with warnings.catch_warnings():  # TT cores are protected, not "unwrapped parameters"
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            yield {"ignored_layers": _tt_protected(model, example, tt, ignored)}
         return
     with dense_trace(model):
         yield dict(tt_pruner_kwargs(model))
@@ -294,7 +298,7 @@ def _recover(model: nn.Module, teacher: nn.Module, ctx: StageContext, epochs: in
     model.to(device)
     teacher.to(device).eval()
     loader_len = len(ctx.data.loader("train", batch_size=_BATCH_SIZE))
-    optimizer, scheduler = make_optimizer(model.parameters(), lr=1e-3, weight_decay=1e-4,
+    optimizer, scheduler = make_optimizer(model.parameters(), lr=_RECOVERY_LR, weight_decay=1e-4,
                                           epochs=epochs, steps_per_epoch=loader_len)
     for epoch in range(epochs):
         model.train()

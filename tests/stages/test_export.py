@@ -1,0 +1,138 @@
+"""The export_onnx stage: parity, dynamic batch, fixed-batch models rejected, files on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from kdcompress import data, models
+from kdcompress.artifacts import OnnxModel
+from kdcompress.context import StageContext
+from kdcompress.errors import StageError
+from kdcompress.stages.export import export_onnx
+from kdcompress.stages.train import train
+
+
+class FixedBatch(nn.Module):
+    """Turns the batch size into a Python int: the exporter bakes it into the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = int(x.shape[0])
+        return self.fc(x.reshape(batch, 64))
+
+
+class Noisy(nn.Module):
+    """Disagrees with its own export: adds noise only in eager PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.flatten(1))
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            y = y + 1.0
+        return y
+
+
+@pytest.fixture(scope="module")
+def task() -> data.Task:
+    return data.digits()
+
+
+@pytest.fixture(scope="module")
+def trained(task: data.Task) -> nn.Module:
+    return train(models.cnn(width=16, hidden=64), epochs=2, data=task)
+
+
+@pytest.fixture(scope="module")
+def exported(trained: nn.Module, task: data.Task) -> tuple[OnnxModel, StageContext]:
+    ctx = StageContext.standalone("fp32", task)
+    return export_onnx(trained, ctx=ctx), ctx
+
+
+def test_parity_and_report(exported, trained, task):
+    fp32, ctx = exported
+    assert fp32.path == ctx.workdir / "model.onnx"
+    assert ctx.details["max_abs_diff"] < 1e-4
+    assert ctx.details["argmax_agreement"] == 1.0
+    assert ctx.details["opset"] >= 18
+    assert ctx.details["nodes_after"] <= ctx.details["nodes_before"]
+    assert "BatchNormalization" not in ctx.details["op_counts"]  # folded into the convs
+    x, _ = task.arrays("test")
+    with torch.no_grad():
+        torch.testing.assert_close(fp32.predict(x[:50]), trained(x[:50]), atol=1e-4, rtol=1e-4)
+
+
+def test_one_graph_runs_batch_1_and_7(exported, trained, task):
+    fp32, _ = exported
+    dim = onnx.load(str(fp32.path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param  # symbolic
+    sess = fp32.session()
+    x = task.example(7)
+    for batch in (1, 7):
+        out = sess.run(None, {sess.get_inputs()[0].name: x[:batch].numpy()})[0]
+        assert out.shape == (batch, 10)
+        np.testing.assert_allclose(out, trained(x[:batch]).detach().numpy(), atol=1e-4)
+
+
+def test_input_model_unchanged_and_hooks_dropped(trained, task):
+    model = models.cnn(width=16, hidden=64).build((1, 8, 8), 10).eval()
+    model.load_state_dict(trained.state_dict())
+    model.features.conv3.register_forward_hook(lambda m, i, o: o * 0)  # a stray hook
+    ctx = StageContext.standalone("fp32", task)
+    fp32 = export_onnx(model, simplify=False, ctx=ctx)
+    assert ctx.details["hooks_removed"] == 1
+    assert len(model.features.conv3._forward_hooks) == 1
+    x = task.example(4)
+    with torch.no_grad():
+        torch.testing.assert_close(fp32.predict(x), trained(x), atol=1e-4, rtol=1e-4)
+
+
+def test_fixed_batch_model_is_rejected(task):
+    with pytest.raises(StageError, match="fixed batch size"):
+        export_onnx(FixedBatch(), data=task)
+
+
+def test_parity_failure_reports_the_numbers(task):
+    with pytest.raises(StageError, match=r"max abs difference 1 > atol=0.001"):
+        export_onnx(Noisy(), data=task)
+
+
+def test_size_counts_external_data(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    path = tmp_path / "ext.onnx"
+    torch.onnx.export(model, (torch.zeros(2, 1, 8, 8),), str(path), dynamo=True,
+                      external_data=True, verbose=False)
+    onnx_model = OnnxModel(path)
+    data_file = tmp_path / "ext.onnx.data"
+    assert data_file.exists() and data_file in onnx_model.files
+    assert onnx_model.size_bytes == path.stat().st_size + data_file.stat().st_size
+
+
+def test_bad_tt_export_value(trained, task):
+    with pytest.raises(StageError, match="tt_export must be one of"):
+        export_onnx(trained, tt_export="dens", data=task)
+
+
+def test_tt_layers_export_factorized_or_dense(trained, task):
+    tt = pytest.importorskip("kdcompress.layers.tt")
+    model = models.cnn(width=16, hidden=64).build((1, 8, 8), 10).eval()
+    model.load_state_dict(trained.state_dict())
+    model.classifier.fc1 = tt.TTLinear.from_linear(model.classifier.fc1, rank=4)
+    ops = {}
+    for mode in ("factorized", "dense"):
+        ctx = StageContext.standalone("fp32", task)
+        export_onnx(model, tt_export=mode, ctx=ctx)
+        assert ctx.details["max_abs_diff"] < 1e-4
+        ops[mode] = ctx.details["op_counts"]
+        expected = ["classifier.fc1"] if mode == "dense" else []
+        assert ctx.details["materialised_tt_layers"] == expected
+    assert ops["factorized"].get("MatMul", 0) >= 2 and "MatMul" not in ops["dense"]

@@ -1,0 +1,111 @@
+"""The prune stage: shapes, parameter counts, KD recovery, reload, ignored layers, TT layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdcompress import data, models
+from kdcompress.artifacts import load_module, save_module
+from kdcompress.context import StageContext
+from kdcompress.errors import StageError
+from kdcompress.stages.prune import channel_counts, prune
+from kdcompress.stages.train import train
+from kdcompress.training import accuracy
+
+
+@pytest.fixture(scope="module")
+def task() -> data.Task:
+    return data.digits()
+
+
+@pytest.fixture(scope="module")
+def trained(task: data.Task) -> nn.Module:
+    return train(models.cnn(width=16, hidden=64), epochs=4, data=task)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "l1", "taylor", "lamp"])
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_prune_keeps_output_shape_and_removes_params(trained, task, importance, global_pruning):
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    pruned = prune(trained, ratio=0.5, importance=importance, global_pruning=global_pruning,
+                   data=task)
+    x = task.example(5)
+    assert pruned(x).shape == (5, 10)
+    assert n_params(pruned) < 0.8 * n_params(trained)
+    assert pruned.classifier.fc2.out_features == 10  # the head keeps every class
+    # the input model is untouched
+    assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
+    assert trained.features.conv2.out_channels == 16
+
+
+def test_per_layer_ratio_and_round_to(trained, task):
+    ctx = StageContext.standalone("pruned", task)
+    pruned = prune(trained, ratio=0.5, round_to=4, ctx=ctx)
+    counts = channel_counts(pruned)
+    assert counts["features.conv2"] == 8 and counts["classifier.fc1"] == 32
+    assert all(c % 4 == 0 for name, c in counts.items() if name != "classifier.fc2")
+    assert ctx.details["channels"]["features.conv2"] == [16, 8]
+    assert ctx.details["params_after"] == n_params(pruned) < ctx.details["params_before"]
+    assert "classifier.fc2" in ctx.details["ignored_layers"]
+
+
+def test_ignored_layers_are_kept_and_unknown_names_rejected(trained, task):
+    pruned = prune(trained, ratio=0.5, ignored_layers=["features.conv1"], data=task)
+    assert pruned.features.conv1.out_channels == 8
+    assert pruned.features.conv2.out_channels == 8
+    with pytest.raises(StageError, match="Did you mean 'features.conv1'"):
+        prune(trained, ratio=0.5, ignored_layers=["features.cnov1"], data=task)
+
+
+def test_bad_settings_are_rejected(trained, task):
+    with pytest.raises(StageError, match="ratio"):
+        prune(trained, ratio=1.0, data=task)
+    with pytest.raises(StageError, match="Did you mean 'taylor'"):
+        prune(trained, importance="tailor", data=task)
+
+
+def test_pruned_model_reloads_identically(trained, task, tmp_path):
+    pruned = prune(trained, ratio=0.4, round_to=2, data=task)
+    save_module(pruned, tmp_path)
+    reloaded = load_module(tmp_path)
+    x, _ = task.arrays("test")
+    with torch.no_grad():
+        assert torch.equal(pruned(x), reloaded(x))
+    assert reloaded.features.conv3.out_channels == pruned.features.conv3.out_channels < 16
+
+
+def test_iterative_pruning_with_kd_recovery_recovers_accuracy(trained, task):
+    base = accuracy(trained, task, "test")
+    ratio = 0.5
+    blunt = accuracy(prune(trained, ratio=ratio, data=task), task, "test")
+    ctx = StageContext.standalone("pruned", task)
+    repaired = prune(trained, ratio=ratio, iterative_steps=2, recovery_epochs=3, ctx=ctx)
+    acc = accuracy(repaired, task, "test")
+    assert blunt < base - 0.2  # pruning this much without repair hurts ...
+    assert acc > base - 0.03, (base, blunt, acc)  # ... and KD recovery wins most of it back
+    steps = ctx.details["steps"]
+    assert [s["step"] for s in steps] == [1, 2] and steps[0]["params"] > steps[1]["params"]
+    assert n_params(repaired) == n_params(prune(trained, ratio=ratio, data=task))
+
+
+def test_tt_layer_in_classifier_is_protected(trained, task, tmp_path):
+    tt = pytest.importorskip("kdcompress.layers.tt")
+    model = models.cnn(width=16, hidden=64).build((1, 8, 8), 10).eval()
+    model.load_state_dict(trained.state_dict())
+    model.classifier.fc1 = tt.TTLinear.from_linear(model.classifier.fc1, rank=4)
+    x, _ = task.arrays("test")
+    pruned = prune(model, ratio=0.5, data=task)
+    assert pruned(x[:3]).shape == (3, 10)
+    assert n_params(pruned) < n_params(model)
+    assert pruned.features.conv1.out_channels == 4
+    fc1 = pruned.classifier.fc1
+    assert fc1(torch.zeros(2, fc1.in_features)).shape == (2, fc1.out_features)
+    save_module(pruned, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), load_module(tmp_path)(x))
