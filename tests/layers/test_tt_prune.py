@@ -1,0 +1,98 @@
+"""TT layers under torch-pruning: valid forward, cores unchanged or exactly sliced."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from kdcompress.errors import LayerError
+from kdcompress.layers.tt import TTConv2d, TTLinear
+from kdcompress.layers.tt_prune import (
+    TTLinearPruner,
+    dense_trace,
+    round_ranks,
+    tt_pruner_kwargs,
+)
+
+
+class SmallCNN(nn.Module):
+    """Conv features (16 x 4 x 4) and a TT classifier."""
+
+    def __init__(self, in_modes: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            TTConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), rank=4), nn.BatchNorm2d(16),
+            nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        fc1 = nn.Linear(256, 64)
+        out_modes = (4, 4, 4) if in_modes else None
+        self.fc1 = TTLinear.from_linear(fc1, rank=4, in_modes=in_modes, out_modes=out_modes)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.features(x).flatten(1))))
+
+
+def _prune(model: SmallCNN, ratio: float = 0.3) -> None:
+    kwargs = tt_pruner_kwargs(model)
+    kwargs["ignored_layers"] += [model.fc2]
+    with dense_trace(model):
+        pruner = tp.pruner.MetaPruner(model, torch.randn(2, 1, 8, 8),
+                                      importance=tp.importance.MagnitudeImportance(p=2),
+                                      pruning_ratio=ratio, **kwargs)
+    pruner.step()
+
+
+@pytest.mark.parametrize("in_modes", [None, (16, 4, 4)])
+def test_metapruner_keeps_tt_layers_valid(in_modes: tuple[int, ...] | None) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(in_modes).eval()
+    fc1_before = copy.deepcopy(model.fc1)
+    _prune(model)
+    assert model.features[7].out_channels < 16  # the conv feeding the TT layer was pruned
+    assert model.features[3].in_channels < 8  # TTConv2d input channels sliced with conv 0
+    fc1 = model.fc1
+    assert fc1.in_features == model.features[7].out_channels * 16
+    assert torch.equal(fc1.core1, fc1_before.core1) and torch.equal(fc1.core2, fc1_before.core2)
+    if in_modes:  # each channel is one slice of the first mode: core0 sliced, no gather
+        assert fc1.input_index is None and fc1.in_modes[0] == model.features[7].out_channels
+    else:
+        assert fc1.input_index is not None and torch.equal(fc1.core0, fc1_before.core0)
+    x = torch.randn(3, 1, 8, 8)
+    out = model(x)
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    fc1.forward_mode = "dense"
+    assert torch.allclose(model(x), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("pruned", [list(range(16, 48)), [0, 5, 77, 200]])
+def test_pruned_ttlinear_equals_dense_with_columns_removed(pruned: list[int]) -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(250, 30).double()  # padded: 250 -> 256 inputs
+    tt = TTLinear.from_linear(dense, in_modes=(16, 4, 4), out_modes=(2, 3, 5))
+    TTLinearPruner().prune_in_channels(tt, pruned)
+    keep = [i for i in range(250) if i not in pruned]
+    x = torch.randn(4, len(keep), dtype=torch.float64)
+    expected = x @ dense.weight[:, keep].T + dense.bias
+    assert tt.in_features == len(keep)
+    assert torch.allclose(tt(x), expected, atol=1e-10)
+    TTLinearPruner().prune_in_channels(tt, [0, 1])  # a second round composes
+    assert torch.allclose(tt(x[:, 2:]), x[:, 2:] @ dense.weight[:, keep[2:]].T + dense.bias,
+                          atol=1e-10)
+    with pytest.raises(LayerError, match="cannot be pruned"):
+        TTLinearPruner().prune_out_channels(tt, [0])
+
+
+def test_round_ranks_shrinks_tt_layers() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    small = round_ranks(model, rank=2)
+    assert max(small.fc1.ranks) == 2 and max(model.fc1.ranks) == 4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert small(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(LayerError, match="rank or tol"):
+        round_ranks(model)
