@@ -47,6 +47,12 @@ class ModelSpec:
         torch.manual_seed(int(kwargs.pop("seed", 0) or 0))
         return factory(**kwargs)
 
+    def __repr__(self) -> str:
+        name = self.factory.rpartition(":")[2].lower()
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()
+                         if v is not None and k != "seed")
+        return f"{name}({args})"
+
     def __kdc_fingerprint__(self) -> Any:
         return {"factory": self.factory, "kwargs": self.kwargs}
 

@@ -197,6 +197,7 @@ def render_table(report: Report) -> Any:
 def plot(report: Report, path: Path) -> None:
     """Accuracy against size and against latency, one point per stage, DAG edges drawn."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,6 +219,11 @@ def plot(report: Report, path: Path) -> None:
             ax.annotate(name, (xval(r), 100 * r["accuracy"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        values = [xval(r) for r in rows.values()]
+        narrow = max(values) / max(min(values), 1e-9) < 20  # label minor ticks within a decade
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+                                     if narrow else matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
