@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,7 @@ def load_module(folder: str | os.PathLike) -> nn.Module:
     try:
         spec = json.loads((folder / RECIPE_FILE).read_text())
         state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
         raise ArtifactError(f"cannot load the torch model in {folder}: {exc}") from exc
     module = build_module(spec, state)
     return module.eval()

@@ -153,6 +153,9 @@ def from_tensors(
             raise DataError(f"give both x_{split} and y_{split}, or neither")
         if x is not None and len(x) != len(y):
             raise DataError(f"x_{split} has {len(x)} samples but y_{split} has {len(y)}")
+        if y is not None and y.ndim != 1:
+            raise DataError(f"{name}: y_{split} must be a 1-D tensor of class indices, but got "
+                            f"shape {tuple(y.shape)}")
     if t["x_train"].shape[1:] != t["x_test"].shape[1:]:
         raise DataError(f"x_train samples have shape {tuple(t['x_train'].shape[1:])} but x_test "
                         f"samples have shape {tuple(t['x_test'].shape[1:])}")
@@ -286,14 +289,19 @@ def mnist(root: str | os.PathLike | None = None, *, val_size: int = 5000,
 
     x_train = images(arrays["x_train"])
     y_train = torch.from_numpy(arrays["y_train"].astype(np.int64))
-    x_val, y_val = x_train[-val_size:], y_train[-val_size:]
-    x_train, y_train = x_train[:-val_size], y_train[:-val_size]
+    if not 0 <= val_size < len(x_train):
+        raise DataError(f"mnist: val_size must be >= 0 and below the {len(x_train)} training "
+                        f"images in {root}, but got {val_size}")
+    n_train = len(x_train) - val_size
+    x_val, y_val = x_train[n_train:], y_train[n_train:]
+    x_train, y_train = x_train[:n_train], y_train[:n_train]
     if train_limit is not None:
         x_train, y_train = x_train[:train_limit], y_train[:train_limit]
     x_test = images(arrays["x_test"])
     y_test = torch.from_numpy(arrays["y_test"].astype(np.int64))
     return Task(name="mnist", train=TensorDataset(x_train, y_train),
-                val=TensorDataset(x_val, y_val), test=TensorDataset(x_test, y_test),
+                val=TensorDataset(x_val, y_val) if val_size else None,
+                test=TensorDataset(x_test, y_test),
                 num_classes=10, input_shape=(1, 28, 28), fingerprint=h.hexdigest()[:16])
 
 

@@ -1,0 +1,190 @@
+"""Tasks: the bundled digits, MNIST read from local IDX files, and the user's own tensors."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcompress import data
+from kdcompress.errors import DataError
+
+STEMS = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+         "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d)
+                                                         for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(root: Path, *, n_train: int = 12, n_test: int = 6, gz: bool = False,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {"x_train": rng.integers(0, 256, (n_train, 28, 28)),
+              "y_train": np.arange(n_train) % 10,
+              "x_test": rng.integers(0, 256, (n_test, 28, 28)),
+              "y_test": np.arange(n_test) % 10}
+    root.mkdir(parents=True, exist_ok=True)
+    for key, stem in STEMS.items():
+        raw = idx_bytes(arrays[key])
+        if gz:
+            (root / f"{stem}.gz").write_bytes(gzip.compress(raw, compresslevel=1))
+        else:
+            (root / stem).write_bytes(raw)
+    return arrays
+
+
+def rows(x: torch.Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in x.reshape(len(x), -1)}
+
+
+def test_digits_shapes_and_splits(digits_task):
+    task = digits_task
+    assert task.name == "digits" and task.num_classes == 10 and task.input_shape == (1, 8, 8)
+    sizes = {s: len(task.arrays(s)[0]) for s in ("train", "val", "test")}
+    assert sum(sizes.values()) == 1797
+    assert sizes["test"] == 360 and sizes["val"] == 180
+    x, y = task.arrays("train")
+    assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert abs(float(x.mean())) < 1e-4 and float(x.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_digits_splits_are_disjoint_and_stratified(digits_task):
+    train, val, test = (rows(digits_task.arrays(s)[0]) for s in ("train", "val", "test"))
+    assert len(train) + len(val) + len(test) == 1797  # every image of digits is distinct
+    assert not (train & val) and not (train & test) and not (val & test)
+    counts = torch.bincount(digits_task.arrays("test")[1], minlength=10)
+    assert int(counts.min()) >= 35 and int(counts.max()) <= 37
+
+
+def test_digits_is_repeatable(digits_task):
+    again = data.digits()
+    assert again.fingerprint == digits_task.fingerprint
+    assert torch.equal(again.arrays("test")[0], digits_task.arrays("test")[0])
+    assert data.digits(seed=1).fingerprint != digits_task.fingerprint
+
+
+def test_from_tensors_shapes_and_fingerprint():
+    x, y = torch.randn(10, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 4])
+    task = data.from_tensors(x, y, x[:4], y[:4])
+    assert task.input_shape == (3,) and task.num_classes == 5 and task.val is None
+    assert data.from_tensors(x, y, x[:4], y[:4]).fingerprint == task.fingerprint
+    assert data.from_tensors(x + 1, y, x[:4], y[:4]).fingerprint != task.fingerprint
+    assert data.from_tensors(x, y, x[:4], y[:4], num_classes=7).num_classes == 7
+    with pytest.raises(DataError, match="has no 'val' split"):
+        task.split("val")
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        task.split("dev")
+    loader = task.loader("train", batch_size=4, shuffle=True, seed=3)
+    assert torch.equal(next(iter(loader))[0], next(iter(task.loader(
+        "train", batch_size=4, shuffle=True, seed=3)))[0])
+
+
+def test_from_tensors_errors():
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    with pytest.raises(DataError, match="x_train has 10 samples but y_train has 9"):
+        data.from_tensors(x, y[:9], x, y)
+    with pytest.raises(DataError, match="labels must be >= 0, but got -1"):
+        data.from_tensors(x, y - 1, x, y)
+    with pytest.raises(DataError, match=r"x_train samples have shape \(3,\) but x_test samples "
+                                        r"have shape \(4,\)"):
+        data.from_tensors(x, y, torch.randn(10, 4), y)
+    with pytest.raises(DataError, match="give both x_val and y_val"):
+        data.from_tensors(x, y, x, y, x_val=x)
+    with pytest.raises(DataError, match="num_classes=2 but a label is 2"):
+        data.from_tensors(x, y + 1, x, y, num_classes=2)
+    with pytest.raises(DataError, match=r"y_train must be a 1-D tensor of class indices, but got "
+                                        r"shape \(10, 2\)"):
+        data.from_tensors(x, y.view(5, 2).repeat(2, 1), x, y)
+
+
+def test_from_datasets_matches_from_tensors():
+    x, y = torch.randn(8, 2), torch.arange(8) % 3
+    tensors = data.from_tensors(x, y, x, y)
+    train = torch.utils.data.TensorDataset(x, y)
+    task = data.from_datasets(train, train)
+    assert task.num_classes == 3 and task.input_shape == (2,)
+    assert torch.equal(task.arrays("test")[0], tensors.arrays("test")[0])
+    with pytest.raises(DataError, match="give num_classes"):
+        data.from_datasets(train, train, fingerprint="mine")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_reads_idx_files(tmp_path, gz):
+    arrays = write_mnist(tmp_path, gz=gz)
+    task = data.mnist(tmp_path, val_size=2)
+    assert task.name == "mnist" and task.input_shape == (1, 28, 28) and task.num_classes == 10
+    x, y = task.arrays("train")
+    assert x.shape == (10, 1, 28, 28) and len(task.arrays("val")[0]) == 2
+    assert torch.equal(y, torch.from_numpy(arrays["y_train"][:10]))
+    expected = (arrays["x_test"][0] / 255.0 - 0.1307) / 0.3081
+    np.testing.assert_allclose(task.arrays("test")[0][0, 0].numpy(), expected, rtol=1e-5)
+    assert data.mnist(tmp_path, val_size=2, train_limit=4).arrays("train")[0].shape[0] == 4
+
+
+def test_mnist_gzipped_and_raw_are_the_same_task(tmp_path):
+    write_mnist(tmp_path / "raw")
+    write_mnist(tmp_path / "gz", gz=True)
+    raw, gz = data.mnist(tmp_path / "raw", val_size=2), data.mnist(tmp_path / "gz", val_size=2)
+    assert raw.fingerprint == gz.fingerprint
+    assert write_mnist(tmp_path / "other", seed=1) and \
+        data.mnist(tmp_path / "other", val_size=2).fingerprint != raw.fingerprint
+
+
+def test_mnist_val_size_zero_keeps_all_training_images(tmp_path):
+    write_mnist(tmp_path)
+    task = data.mnist(tmp_path, val_size=0)
+    assert len(task.arrays("train")[0]) == 12 and task.val is None
+    with pytest.raises(DataError, match="val_size must be >= 0 and below the 12 training images"):
+        data.mnist(tmp_path, val_size=12)
+
+
+def test_mnist_bad_files(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / STEMS["y_test"]
+    good = path.read_bytes()
+    path.write_bytes(b"\x00\x00\x0d\x01" + good[4:])
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is not an unsigned-byte IDX file "
+                                        r"\(bad magic number\)"):
+        data.mnist(tmp_path, val_size=2)
+    path.write_bytes(good[:-1])
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is truncated or corrupt: header "
+                                        r"says \[6\] \(6 bytes\) but the file holds 5"):
+        data.mnist(tmp_path, val_size=2)
+    path.write_bytes(idx_bytes(np.zeros(5)))
+    with pytest.raises(DataError, match="MNIST test: 6 images but 5 labels"):
+        data.mnist(tmp_path, val_size=2)
+    path.unlink()
+    with pytest.raises(DataError, match=r"MNIST file 't10k-labels-idx1-ubyte' \(or "
+                                        r"'t10k-labels-idx1-ubyte.gz'\) not found in .*never "
+                                        r"downloads"):
+        data.mnist(tmp_path, val_size=2)
+
+
+def test_mnist_needs_a_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("KDCOMPRESS_DATA", raising=False)
+    with pytest.raises(DataError, match="mnist needs a folder.*KDCOMPRESS_DATA"):
+        data.mnist()
+    with pytest.raises(DataError, match="MNIST folder .*nowhere does not exist"):
+        data.mnist(tmp_path / "nowhere")
+    write_mnist(tmp_path / "mnist")  # a mnist/ folder inside the root is found too
+    monkeypatch.setenv("KDCOMPRESS_DATA", str(tmp_path))
+    assert len(data.mnist(val_size=2).arrays("test")[0]) == 6
+
+
+def test_get_by_name(tmp_path, digits_task):
+    assert data.get("digits").fingerprint == digits_task.fingerprint
+    write_mnist(tmp_path, n_train=5010, gz=True)
+    task = data.get(f"mnist:{tmp_path}")
+    assert task.name == "mnist" and len(task.arrays("train")[0]) == 10
+    with pytest.raises(DataError, match="unknown data set 'cifar': use 'digits' or 'mnist:DIR'"):
+        data.get("cifar")
+    with pytest.raises(DataError, match="'digits' is bundled with scikit-learn and takes no "
+                                        "folder"):
+        data.get(f"digits:{tmp_path}")

@@ -1,0 +1,56 @@
+"""The ruler: MACs, latency and the measured row, the same for every artifact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdcompress import models
+from kdcompress.artifacts import save_module
+from kdcompress.metrics import MeasureConfig, count_macs, latency, measure, predict
+
+
+def test_count_macs_of_a_linear_layer_is_per_sample():
+    assert count_macs(nn.Linear(100, 10), torch.zeros(1, 100)) == 1000
+    assert count_macs(nn.Linear(100, 10), torch.zeros(4, 100)) == 4000
+
+
+def test_count_macs_of_a_conv_layer():
+    conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)  # 8x8 outputs * 4 channels * 2*3*3
+    assert count_macs(conv, torch.zeros(1, 2, 8, 8)) == 8 * 8 * 4 * 2 * 9
+
+
+def test_latency_keys_and_repeats(fast_measure):
+    config = MeasureConfig(batch_sizes=(1, 8), warmup=1, repeats=3, min_seconds=0.0)
+    result = latency(nn.Linear(4, 2), torch.randn(5, 4), config)
+    assert set(result) == {"batch_1", "batch_8"}
+    for value in result.values():
+        assert value["runs"] == 3 and 0 < value["p50"] <= value["p90"]
+    assert torch.get_num_threads() == 1  # restored after timing with config.threads
+
+
+def test_latency_repeats_until_min_seconds():
+    config = MeasureConfig(batch_sizes=(1,), warmup=0, repeats=1, min_seconds=0.05,
+                           max_repeats=5)
+    assert latency(nn.Linear(4, 2), torch.randn(2, 4), config)["batch_1"]["runs"] == 5
+
+
+def test_measure_returns_the_row_schema(tiny_task, fast_measure, tmp_path):
+    model = models.cnn(width=8, hidden=16).build(tiny_task.input_shape, tiny_task.num_classes)
+    save_module(model, tmp_path)
+    x, y = tiny_task.arrays("test")
+    preds = predict(model, x).argmax(1)
+    row = measure(model, tiny_task, config=fast_measure, folder=tmp_path, reference=preds)
+    assert set(row) == {"params", "size_bytes", "macs", "latency_ms", "engine", "accuracy",
+                        "agreement"}
+    assert row["params"] == sum(p.numel() for p in model.parameters())
+    assert row["size_bytes"] == sum(f.stat().st_size for f in tmp_path.iterdir())
+    assert row["macs"] == count_macs(model, x[:1]) and row["macs"] > 0
+    assert set(row["latency_ms"]) == {"batch_1", "batch_64"}
+    assert row["engine"] == "torch"
+    assert row["accuracy"] == pytest.approx(float((preds == y).float().mean()), abs=1e-6)
+    assert row["agreement"] == 1.0
+    flipped = measure(model, tiny_task, config=fast_measure, reference=(preds + 1) % 4)
+    assert flipped["agreement"] == 0.0
+    assert measure(model, tiny_task, config=fast_measure)["agreement"] is None
