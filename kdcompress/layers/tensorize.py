@@ -88,12 +88,13 @@ def _svd_layer(layer: nn.Linear | nn.Conv2d, rank: RankArg, tol: float | None) -
                       padding=layer.padding, dilation=layer.dilation, bias=False),
             nn.Conv2d(r, layer.out_channels, 1, bias=bias))
         shapes = [(r, *w.shape[1:]), (layer.out_channels, r, 1, 1)]
+    module = module.to(layer.weight.dtype)
     with torch.no_grad():
         for sub, value, shape in zip(module, (first, second), shapes, strict=True):
             sub.weight.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(shape))
         if bias:
             module[-1].bias.copy_(layer.bias.detach())
-    return module.to(layer.weight.dtype)
+    return module
 
 
 def _tucker_ranks(kernel: np.ndarray, rank: RankArg, tol: float | None) -> list[int]:
@@ -127,12 +128,13 @@ def _tucker_layer(conv: nn.Conv2d, rank: RankArg, tol: float | None) -> nn.Modul
                   dilation=conv.dilation, bias=False),
         nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None))
     weights = [u_in.T[:, :, None, None], core, u_out[:, :, None, None]]
+    module = module.to(conv.weight.dtype)
     with torch.no_grad():
         for sub, value in zip(module, weights, strict=True):
             sub.weight.copy_(torch.from_numpy(np.ascontiguousarray(value)))
         if conv.bias is not None:
             module[-1].bias.copy_(conv.bias.detach())
-    return module.to(conv.weight.dtype)
+    return module
 
 
 def _dense_weight(module: nn.Module, like: nn.Module) -> torch.Tensor:
@@ -259,7 +261,11 @@ def _search_ranks(model: nn.Module, names: list[str], method: str, ratio: float
         rows = []
         for rank in _rank_candidates(layer, method):
             _, rec = decompose_layer(layer, method=method, rank=rank, name=name)
+            if rows and rec["params_after"] >= rec["params_before"]:
+                break  # larger ranks only cost more than the dense layer
             rows.append((rec["params_after"], rec["rel_error"], rank))
+            if rec["rel_error"] < 1e-6:
+                break
         options[name] = sorted(rows, key=lambda row: (row[0], row[1]))
     fixed = total - sum(_params(model.get_submodule(n)) for n in names)
     pick = {n: 0 for n in names}

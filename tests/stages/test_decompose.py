@@ -1,0 +1,113 @@
+"""The decompose_tt stage and tensorize: layer choice, methods, ratio search, records, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kdcompress.context import StageContext
+from kdcompress.data import from_tensors
+from kdcompress.errors import LayerError
+from kdcompress.layers.tensorize import tensorize
+from kdcompress.layers.tt import TTConv2d, TTLinear
+from kdcompress.stages.decompose import decompose_tt
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 8 * 8, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _ctx() -> StageContext:
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 2
+    return StageContext.standalone("student", from_tensors(x, y, x, y))
+
+
+def test_default_decomposes_linear_layers_and_records(net: Net) -> None:
+    before = copy.deepcopy(net.state_dict())
+    ctx = _ctx()
+    student = decompose_tt(net, rank=4, ctx=ctx)
+    assert isinstance(student.fc1, TTLinear) and isinstance(student.conv, nn.Conv2d)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # input intact
+    records = ctx.details["layers"]
+    assert [r["name"] for r in records] == ["fc1", "fc2"] if isinstance(student.fc2, TTLinear) \
+        else [r["name"] for r in records] == ["fc1"]
+    rec = records[0]
+    assert set(rec) == {"name", "kind", "method", "in_modes", "out_modes", "ranks",
+                        "params_before", "params_after", "rel_error"}
+    assert rec["params_after"] == _params(student.fc1) < rec["params_before"] == _params(net.fc1)
+    assert max(rec["ranks"]) == 4 and 0 < rec["rel_error"] < 1
+    assert student(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_full_rank_tt_model_is_exact(net: Net) -> None:
+    model = copy.deepcopy(net).double()
+    exact, records = tensorize(model, layers=["fc1", nn.Conv2d])
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    assert isinstance(exact.conv2, TTConv2d)
+    assert torch.allclose(exact(x), model(x), atol=1e-10)
+    assert all(r["rel_error"] < 1e-12 for r in records)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker"])
+def test_svd_and_tucker_methods(net: Net, method: str) -> None:
+    model, records = tensorize(net, layers=["fc1", "conv2"], method=method, rank=4)
+    kinds = {r["name"]: r["kind"] for r in records}
+    assert kinds == {"fc1": "svd", "conv2": method}
+    assert all(r["params_after"] < r["params_before"] for r in records)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    full, records = tensorize(copy.deepcopy(net).double(), layers=["conv2"], method=method)
+    assert records[0]["rel_error"] < 1e-10
+
+
+def test_ratio_reaches_target_with_least_error() -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    ctx = _ctx()
+    student = decompose_tt(mlp, ratio=5, ctx=ctx)
+    assert _params(mlp) / _params(student) >= 5
+    searched = sum(r["rel_error"] ** 2 for r in ctx.details["layers"])
+    for rank in (1, 2, 3, 4):  # any uniform rank that also reaches 5x has a larger error
+        uniform, records = tensorize(mlp, rank=rank)
+        if _params(mlp) / _params(uniform) >= 5:
+            assert searched <= sum(r["rel_error"] ** 2 for r in records) + 1e-9
+    with pytest.raises(LayerError, match="largest reachable ratio"):
+        decompose_tt(mlp, ratio=1000, layers=["2"])
+
+
+def test_tol_per_layer(net: Net) -> None:
+    _, records = tensorize(net, layers=["fc1"], tol=0.5)
+    assert records[0]["rel_error"] <= 0.5
+
+
+def test_errors_name_layer_and_fix(net: Net) -> None:
+    with pytest.raises(LayerError, match="no layer 'fc3'. Did you mean 'fc2'"):
+        decompose_tt(net, layers=["fc3"])
+    with pytest.raises(LayerError, match=r"'fc1' \(Linear with weight \(128, 1024\)\).*>= 1"):
+        decompose_tt(net, rank=0, layers=["fc1"])
+    with pytest.raises(LayerError, match="method must be one of"):
+        decompose_tt(net, method="cp")
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(LayerError, match="groups=2"):
+        decompose_tt(grouped, layers=[nn.Conv2d])
