@@ -1,0 +1,4 @@
+from kdcompress import Pipeline
+
+pipeline = Pipeline("broken")
+return pipeline  # noqa: F706
