@@ -1,0 +1,133 @@
+"""ONNX Runtime int8 (static QDQ) against fp32 on a CNN trained on MNIST: speed and accuracy.
+
+    python benchmarks/bench_int8.py --data /work/shared/data/mnist
+    python benchmarks/bench_int8.py --data DIR --epochs 3 --width 64 --rounds 60
+
+Trains ``models.cnn(width=...)`` for a few epochs (``--train-limit`` images), exports it with
+``export_onnx`` and quantizes it with ``quantize_onnx`` (static QDQ, S8S8, per-channel, MinMax
+calibration on 256 training images; also per-tensor and Entropy / Percentile variants). Latency is
+measured side by side in one process: for each batch size and thread count, fp32 and int8
+sessions are run in alternation (``--rounds`` rounds after warm-up) and the medians compared, so
+load from other processes hits both alike. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from kdcompress import data, models
+from kdcompress.artifacts import OnnxModel
+from kdcompress.context import StageContext
+from kdcompress.stages.export import export_onnx
+from kdcompress.stages.quantize import cpu_int8_features, quantize_onnx
+from kdcompress.stages.train import train
+
+
+def session(model: OnnxModel, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
+
+
+def side_by_side(models_: dict[str, OnnxModel], x: np.ndarray, threads: int, rounds: int
+                 ) -> dict[str, float]:
+    """Median latency (ms) of each model on ``x``, runs interleaved round by round."""
+    sessions = {k: session(m, threads) for k, m in models_.items()}
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(5):  # warm-up
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def top1(model: OnnxModel, task: data.Task) -> float:
+    x, y = task.arrays("test")
+    sess = session(model, 2)
+    name = sess.get_inputs()[0].name
+    array = x.numpy()
+    pred = np.concatenate([sess.run(None, {name: array[i:i + 500]})[0].argmax(1)
+                           for i in range(0, len(array), 500)])
+    return float((pred == y.numpy()).mean())
+
+
+def quantized(fp32: OnnxModel, task: data.Task, root: Path, name: str, **kwargs) -> OnnxModel:
+    ctx = StageContext.standalone(name, task)
+    ctx.workdir = root / name
+    return quantize_onnx(fp32, ctx=ctx, **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="int8 vs fp32 with ONNX Runtime on MNIST")
+    parser.add_argument("--data", default=os.environ.get("KDCOMPRESS_DATA",
+                                                         "/work/shared/data/mnist"))
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-limit", type=int, default=20000)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    args = parser.parse_args()
+
+    torch.set_num_threads(max(args.threads))
+    task = data.mnist(args.data, train_limit=args.train_limit)
+    start = time.perf_counter()
+    model = train(models.cnn(width=args.width), epochs=args.epochs, data=task)
+    train_s = time.perf_counter() - start
+    root = Path(tempfile.mkdtemp(prefix="bench-int8-"))
+    ctx = StageContext.standalone("fp32", task)
+    ctx.workdir = root / "fp32"
+    fp32 = export_onnx(model, ctx=ctx)
+    variants = {
+        "int8": quantized(fp32, task, root, "int8"),
+        "int8 per-tensor": quantized(fp32, task, root, "per_tensor", per_channel=False),
+        "int8 entropy": quantized(fp32, task, root, "entropy", calibration="entropy"),
+        "int8 percentile": quantized(fp32, task, root, "percentile", calibration="percentile"),
+    }
+
+    print(f"\nCPU: {platform.processor() or platform.machine()}, int8 instructions: "
+          f"{', '.join(cpu_int8_features()) or 'none'}; onnxruntime {ort.__version__}, "
+          f"torch {torch.__version__}")
+    print(f"Model: models.cnn(width={args.width}) on MNIST, {args.epochs} epochs on "
+          f"{len(task.train)} images ({train_s:.0f} s)\n")
+    acc32 = top1(fp32, task)
+    print("| model | size KiB | test top-1 | change (points) |")
+    print("|---|---|---|---|")
+    print(f"| fp32 | {fp32.size_bytes / 1024:.1f} | {100 * acc32:.2f}% | - |")
+    for name, m in variants.items():
+        acc = top1(m, task)
+        print(f"| {name} | {m.size_bytes / 1024:.1f} | {100 * acc:.2f}% | "
+              f"{100 * (acc - acc32):+.2f} |")
+
+    x_all = task.calibration(max(args.batches), seed=1).numpy()
+    print("\n| batch | threads | fp32 ms | int8 ms | speedup | int8 per-tensor ms | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in args.batches:
+        for threads in args.threads:
+            t = side_by_side({"fp32": fp32, "int8": variants["int8"],
+                              "pt": variants["int8 per-tensor"]},
+                             x_all[:batch], threads, args.rounds)
+            print(f"| {batch} | {threads} | {t['fp32']:.3f} | {t['int8']:.3f} | "
+                  f"{t['fp32'] / t['int8']:.2f}x | {t['pt']:.3f} | {t['fp32'] / t['pt']:.2f}x |")
+    print(f"\nmedians of {args.rounds} interleaved runs after 5 warm-up runs; graphs in {root}")
+
+
+if __name__ == "__main__":
+    main()
