@@ -326,15 +326,18 @@ class TTLinear(nn.Module):
         return x
 
     def _contract_left(self, x: torch.Tensor) -> torch.Tensor:
-        # state (n_k, N_{>k}, B, M_{<k}, r_{k-1}); each step: one 2-D transpose and one matmul
-        r, m, n, d = self.ranks, self.out_modes, self.in_modes, self.order
+        # state (B, M_{<k}, r_{k-1}, n_k, N_{>k}): core k multiplies the (r_{k-1} n_k) axis in
+        # place, one (batched) matmul per core and no transpose of the state
+        r, m, n = self.ranks, self.out_modes, self.in_modes
         t = x
         for k, core in enumerate(self.cores):
-            t = t.reshape(n[k], -1).transpose(0, 1).reshape(-1, r[k] * n[k]) if k else \
-                t.reshape(-1, math.prod(n[1:])).transpose(0, 1).reshape(-1, n[0])
-            a = core.permute(0, 2, 1, 3).reshape(r[k] * n[k], m[k] * r[k + 1])
-            t = t @ a  # (N_{>k} B M_{<k}, m_k r_k)
-        return t.reshape(-1, math.prod(m[:d]))
+            a = core.permute(1, 3, 0, 2).reshape(m[k] * r[k + 1], r[k] * n[k])
+            rest = math.prod(n[k + 1:])
+            if rest == 1:
+                t = t.reshape(-1, r[k] * n[k]) @ a.t()  # (B M_{<k}, m_k r_k)
+            else:
+                t = torch.matmul(a, t.reshape(-1, r[k] * n[k], rest))  # (B M_{<k}, m_k r_k, N)
+        return t.reshape(-1, math.prod(m))
 
     def _contract_right(self, x: torch.Tensor) -> torch.Tensor:
         # state (M_{>k}, B, N_{<k}, n_k r_k); mirrors _contract_left from the last core
@@ -361,29 +364,37 @@ class TTLinear(nn.Module):
             return cols.index_add(1, self.input_index, w)[:, : self.in_features]
         return w[:, : self.in_features]
 
-    def _use_dense(self, batch: int) -> bool:
+    def _plan(self) -> tuple[bool, int, int, int]:
+        """(left order cheaper, MACs per sample factorised, MACs to rebuild W, MACs per sample
+        of the dense matmul), computed once per structure."""
+        key = (self.in_modes, self.out_modes, self.ranks, self.in_features, self.out_features)
+        cached = getattr(self, "_plan_cache", None)
+        if cached is None or cached[0] != key:
+            macs = self.macs(1)
+            plan = (macs["left"] <= macs["right"], macs["factorized"],
+                    macs["dense"] - macs["linear"], macs["linear"])
+            self._plan_cache = cached = (key, plan)
+        return cached[1]
+
+    def _use_dense(self, batch: int, eager: bool = True) -> bool:
         if self.forward_mode == "dense" or getattr(self, "_dense_trace", False):
             return True
-        if self.forward_mode == "factorized" or not _in_eager():
+        if self.forward_mode == "factorized" or not eager:
             return False
-        cost = self.macs(batch)
-        return cost["dense"] < cost["factorized"]
+        _, fact, build, linear = self._plan()
+        return build + batch * linear < batch * fact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (B, in)
-        if self._use_dense(x2.shape[0] if _in_eager() else 1):
+        eager = _in_eager()
+        batch = x.numel() // self.in_features if eager else 1
+        if self._use_dense(batch, eager):
             weight = self.full_weight()
             if getattr(self, "_dense_trace", False):
                 weight = weight.detach()
             return F.linear(x, weight, self.bias)
-        r, m, n = self.ranks, self.out_modes, self.in_modes
-        left = sum(r[k] * n[k] * m[k] * r[k + 1] * math.prod(m[:k]) * math.prod(n[k + 1:])
-                   for k in range(self.order))
-        right = sum(r[k] * n[k] * m[k] * r[k + 1] * math.prod(m[k + 1:]) * math.prod(n[:k])
-                    for k in range(self.order))
-        xe = self._expand_input(x2)
-        y = self._contract_left(xe) if left <= right else self._contract_right(xe)
+        lead = x.shape[:-1]
+        xe = self._expand_input(x.reshape(-1, self.in_features))  # (B, N)
+        y = self._contract_left(xe) if self._plan()[0] else self._contract_right(xe)
         if y.shape[-1] != self.out_features:
             y = y[:, : self.out_features]
         if self.bias is not None:
