@@ -160,7 +160,7 @@ def _materialize_tt(model: nn.Module, mode: str, ctx: StageContext) -> tuple[nn.
                              "kdcompress.layers.tt.materialize, which this install lacks; use "
                              "tt_export='factorized'") from None
         return model, []
-    example = ctx.data.example(1).float()
+    example = ctx.data.example(64).float()  # "auto" times each layer at a serving-size batch
     model, names = materialize(model, mode=mode, example_input=example, threads=1)
     return model.eval(), list(names)
 

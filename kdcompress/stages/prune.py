@@ -108,7 +108,7 @@ def prune(
     ctx.record("ignored_layers", sorted(ignored))
     import torch_pruning as tp
 
-    with _tt_support(model, example, ignored) as extra:
+    with _tt_support(model, example) as extra:
         pruner = tp.pruner.MetaPruner(
             model, example, _importance(importance), global_pruning=global_pruning,
             pruning_ratio=ratio, iterative_steps=iterative_steps,
@@ -227,8 +227,7 @@ def _is_tt(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _tt_support(model: nn.Module, example: torch.Tensor,
-                ignored: dict[str, nn.Module]) -> Iterator[dict[str, Any]]:
+def _tt_support(model: nn.Module, example: torch.Tensor) -> Iterator[dict[str, Any]]:
     """Extra MetaPruner keyword arguments that keep tensor-train layers consistent.
 
     With ``kdcompress.layers.tt_prune`` the TT layers trace as one linear map and are pruned
@@ -243,14 +242,14 @@ def _tt_support(model: nn.Module, example: torch.Tensor,
     except ImportError:
         with warnings.catch_warnings():  # TT cores are protected, not "unwrapped parameters"
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            yield {"ignored_layers": _tt_protected(model, example, tt, ignored)}
+            yield {"ignored_layers": _tt_protected(model, example, tt)}
         return
     with dense_trace(model):
         yield dict(tt_pruner_kwargs(model))
 
 
-def _tt_protected(model: nn.Module, example: torch.Tensor, tt: dict[str, nn.Module],
-                  ignored: dict[str, nn.Module]) -> list[nn.Module]:
+def _tt_protected(model: nn.Module, example: torch.Tensor,
+                  tt: dict[str, nn.Module]) -> list[nn.Module]:
     """TT layers plus, for each, the Conv/Linear layer whose output it reads."""
     protected = list(tt.values())
     previous: nn.Module | None = None

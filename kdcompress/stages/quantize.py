@@ -33,8 +33,8 @@ from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
 from kdcompress.errors import StageError
 
-__all__ = ["quantize_onnx", "explain_slow_int8", "quantized_nodes", "cpu_int8_features",
-           "QUANTIZE_MODES", "CALIBRATION_METHODS"]
+__all__ = ["quantize_onnx", "explain_slow_int8", "slow_int8_reasons", "quantized_nodes",
+           "cpu_int8_features", "QUANTIZE_MODES", "CALIBRATION_METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -255,29 +255,22 @@ def cpu_int8_features() -> list[str]:
     return [f for f in wanted if f in flags]
 
 
-def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
-                      int8_latency: float) -> str | None:
-    """A warning when ``int8`` is not faster than its ``fp32`` parent, with the likely reasons.
+def slow_int8_reasons(fp32: OnnxModel, int8: OnnxModel, *,
+                      fp32_latency: float | None = None) -> list[str]:
+    """What, in an int8 graph and on this CPU, usually keeps int8 from beating fp32.
 
     Parameters
     ----------
     fp32, int8 : OnnxModel
         The parent graph and its quantized version.
-    fp32_latency, int8_latency : float
-        Their latencies (any unit, measured the same way).
+    fp32_latency : float, optional
+        The parent's latency in seconds; below 0.1 ms per-call overhead is named as a cause.
 
     Returns
     -------
-    str or None
-        ``None`` when int8 is at least 5% faster, else a message naming what to look at.
-
-    Examples
-    --------
-    >>> explain_slow_int8(fp32, int8, fp32_latency=1.0, int8_latency=1.2)  # doctest: +SKIP
-    'int8 is 1.20x the latency of fp32 (not faster): ...'
+    list of str
+        One sentence per likely cause, most fundamental first; empty when none is found.
     """
-    if int8_latency < 0.95 * fp32_latency:
-        return None
     import onnx
 
     reasons = []
@@ -301,36 +294,67 @@ def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
         reasons.append(f"{q} QuantizeLinear nodes for {compute} quantized compute nodes: "
                        "activations are re-quantized often (ops between quantized ones that "
                        "have no int8 kernel)")
-    if fp32_latency < 1e-4:
+    if fp32_latency is not None and fp32_latency < 1e-4:
         reasons.append("the model is so small that per-call overhead, not arithmetic, dominates")
+    return reasons
+
+
+def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
+                      int8_latency: float) -> str | None:
+    """A warning when ``int8`` is not faster than its ``fp32`` parent, with the likely reasons.
+
+    Parameters
+    ----------
+    fp32, int8 : OnnxModel
+        The parent graph and its quantized version.
+    fp32_latency, int8_latency : float
+        Their latencies in seconds, measured the same way.
+
+    Returns
+    -------
+    str or None
+        ``None`` when int8 is at least 5% faster, else a message naming what to look at.
+
+    Examples
+    --------
+    >>> explain_slow_int8(fp32, int8, fp32_latency=1e-3, int8_latency=1.2e-3)  # doctest: +SKIP
+    'int8 is 1.20x the latency of fp32 (not faster on this CPU). Likely: ...'
+    """
+    if int8_latency < 0.95 * fp32_latency:
+        return None
+    reasons = slow_int8_reasons(fp32, int8, fp32_latency=fp32_latency)
     why = "; ".join(reasons) if reasons else "no obvious cause: profile both graphs"
     ratio = int8_latency / fp32_latency
     return f"int8 is {ratio:.2f}x the latency of fp32 (not faster on this CPU). Likely: {why}"
 
 
-def _median_latency(model: OnnxModel, x: np.ndarray, budget_s: float) -> float:
-    sess = model.session("cpu", threads=1)
-    name = sess.get_inputs()[0].name
-    sess.run(None, {name: x})  # warm-up
-    times: list[float] = []
+def _side_by_side(models: list[OnnxModel], x: np.ndarray, budget_s: float) -> list[float]:
+    """Median latency of each graph (one thread), runs interleaved so load hits all alike."""
+    sessions = [m.session("cpu", threads=1) for m in models]
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, feed in zip(sessions, feeds, strict=True):
+        s.run(None, feed)  # warm-up
+    times: list[list[float]] = [[] for _ in models]
     deadline = time.perf_counter() + budget_s
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 50):
-        start = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    while len(times[0]) < 5 or (time.perf_counter() < deadline and len(times[0]) < 50):
+        for s, feed, t in zip(sessions, feeds, times, strict=True):
+            start = time.perf_counter()
+            s.run(None, feed)
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _check_speed(fp32: OnnxModel, int8: OnnxModel, ctx: StageContext) -> None:
-    """Time both graphs (batch 64, one thread, about a second each); warn when int8 is slower."""
+    """Time both graphs (batch 64, one thread, about a second); warn when int8 is not faster."""
+    ctx.record("slow_reason", "; ".join(slow_int8_reasons(fp32, int8)))
     x = ctx.data.calibration(_CALIBRATION_BATCH, seed=ctx.seed).float().numpy()
     try:
-        t32 = _median_latency(fp32, x, 0.5)
-        t8 = _median_latency(int8, x, 0.5)
+        t32, t8 = _side_by_side([fp32, int8], x, 1.0)
     except Exception as exc:  # timing is advice; never fail the stage over it
         log.info("int8 speed check skipped: %s", exc)
         return
     ctx.record("speedup_batch64_1thread", round(t32 / t8, 3))
     message = explain_slow_int8(fp32, int8, fp32_latency=t32, int8_latency=t8)
     if message:
+        ctx.record("slow_reason", message.split("Likely: ", 1)[1])
         ctx.warn(message)
