@@ -12,6 +12,7 @@ from torch import nn
 from kdcompress.errors import LayerError
 from kdcompress.layers.tt import TTConv2d, TTLinear
 from kdcompress.layers.tt_prune import (
+    TTConv2dPruner,
     TTLinearPruner,
     dense_trace,
     round_ranks,
@@ -96,3 +97,17 @@ def test_round_ranks_shrinks_tt_layers() -> None:
     assert small(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     with pytest.raises(LayerError, match="rank or tol"):
         round_ranks(model)
+
+
+def test_ttconv_pruner_slices_channels_exactly() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1).double()
+    tt = TTConv2d.from_conv(conv)
+    TTConv2dPruner().prune_in_channels(tt, [1, 4])
+    TTConv2dPruner().prune_out_channels(tt, [0, 7])
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    keep_in, keep_out = [0, 2, 3, 5], list(range(1, 7))
+    expected = conv(x * torch.isin(torch.arange(6), torch.tensor(keep_in))
+                    .double()[None, :, None, None])[:, keep_out]
+    assert (tt.in_channels, tt.out_channels) == (4, 6)
+    assert torch.allclose(tt(x[:, keep_in]), expected, atol=1e-10)
