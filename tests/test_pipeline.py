@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -172,3 +175,13 @@ def test_baseline_defaults_to_the_first_stage_in_order(pipeline):
     pipeline.stage(shrink, out="student", model=pipeline.ref("teacher"))
     pipeline.stage(train, out="teacher", model=models.mlp())
     assert pipeline.baseline_name() == "teacher"
+
+
+def test_stage_names_stay_functions_after_their_modules_are_imported():
+    code = ("import kdcompress.stages.train, kdcompress.stages.prune, kdcompress.stages.distill\n"
+            "from kdcompress.stages import distill, prune, train\n"
+            "import inspect\n"
+            "assert all(inspect.isfunction(f) for f in (train, prune, distill)), (train, prune)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -7,6 +7,8 @@ torch-pruning, tensorly) load when it is used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __all__ = ["train", "decompose_tt", "distill", "prune", "export_onnx", "quantize_onnx"]
@@ -25,3 +27,15 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Stages(types.ModuleType):
+    """Importing ``kdcompress.stages.train`` binds the submodule to the package; keep the stage."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _MODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Stages
