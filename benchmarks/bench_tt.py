@@ -7,7 +7,7 @@ Run by hand::
 
 For a 784x512 and a 1024x1024 layer at 5x, 20x, 100x and 500x fewer weights (uniform TT rank, the
 largest that reaches the compression), batch 1 / 64 / 256 and 1 / 2 threads, it times in one
-process, round-robin so that every variant sees the same machine load:
+process, interleaved in a shuffled order so that every variant sees the same machine load:
 
 * ``linear``: ``nn.Linear``;
 * ``tt``: ``TTLinear`` as shipped (``forward_mode="auto"``: cheapest contraction order, or rebuild
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
 import time
 
@@ -78,6 +79,9 @@ def forced(layer: TTLinear, mode: str):  # noqa: ANN201
     return run
 
 
+rng = random.Random(0)
+
+
 def time_round_robin(fns: dict[str, object], x: dict[str, torch.Tensor], repeats: int
                      ) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -85,8 +89,11 @@ def time_round_robin(fns: dict[str, object], x: dict[str, torch.Tensor], repeats
         for fn_name, fn in fns.items():
             for _ in range(3):
                 fn(x[fn_name])
+        order = list(fns)
         for _ in range(repeats):
-            for fn_name, fn in fns.items():
+            rng.shuffle(order)  # no variant always runs right after another
+            for fn_name in order:
+                fn = fns[fn_name]
                 start = time.perf_counter()
                 fn(x[fn_name])
                 times[fn_name].append(time.perf_counter() - start)
@@ -96,6 +103,7 @@ def time_round_robin(fns: dict[str, object], x: dict[str, torch.Tensor], repeats
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     torch.manual_seed(0)
     repeats = 7 if args.quick else 25
@@ -110,7 +118,7 @@ def main() -> None:
             dense = nn.Linear(n_in, n_out).eval()
             peer = tltorch_layer(layer)
             ratio = n_in * n_out / layer.num_core_params()
-            for threads in (1, 2):
+            for threads in args.threads:
                 torch.set_num_threads(threads)
                 for batch in (1, 64, 256):
                     x = torch.randn(batch, n_in)
