@@ -352,12 +352,14 @@ class TTLinear(nn.Module):
 
     def full_weight(self) -> torch.Tensor:
         """``W`` of shape ``(out_features, in_features)`` rebuilt from the cores."""
-        m, n, d = self.out_modes, self.in_modes, self.order
-        w = self.core0.reshape(-1, self.ranks[1])  # (m_1 n_1, r_1)
-        for k in range(1, d):
-            w = (w @ self.cores[k].reshape(self.ranks[k], -1)).reshape(-1, self.ranks[k + 1])
-        w = w.reshape(*[s for k in range(d) for s in (m[k], n[k])])
-        w = w.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))
+        # w (M_{<=k}, N_{<=k}, r_k) kept in W's own layout: one matmul per core, then m_k is
+        # moved next to M_{<k} by a 4-D transpose (no 2d-dimensional permute of the full W)
+        m, n, r = self.out_modes, self.in_modes, self.ranks
+        w = self.core0  # (1, m_1, n_1, r_1)
+        for k in range(1, self.order):
+            rows, cols = math.prod(m[:k]), math.prod(n[:k])
+            w = w.reshape(rows * cols, r[k]) @ self.cores[k].reshape(r[k], -1)
+            w = w.reshape(rows, cols, m[k], n[k] * r[k + 1]).transpose(1, 2)
         w = w.reshape(math.prod(m), math.prod(n))[: self.out_features]  # (out, N)
         if self.input_index is not None:
             cols = w.new_zeros(self.out_features, self.in_features + 1)
