@@ -17,6 +17,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -25,7 +26,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kdcompress import data, models
-from kdcompress.artifacts import OnnxModel
+from kdcompress.artifacts import OnnxModel, load_module, save_module
 from kdcompress.stages.export import export_onnx
 from kdcompress.stages.prune import prune
 from kdcompress.stages.train import train
@@ -62,6 +63,17 @@ def torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def trained_cnn(task: data.Task, width: int, epochs: int, cache: Path | None) -> nn.Module:
+    """``models.cnn(width)`` trained on ``task``, loaded from ``cache`` when trained before."""
+    folder = None if cache is None else cache / f"cnn-w{width}-e{epochs}-{task.fingerprint}"
+    if folder is not None and (folder / "weights.pt").exists():
+        return load_module(folder)
+    model = train(models.cnn(width=width), epochs=epochs, data=task)
+    if folder is not None:
+        save_module(model, folder)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="50% channel pruning vs latency on MNIST")
     parser.add_argument("--data", default=os.environ.get("KDCOMPRESS_DATA",
@@ -71,6 +83,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--recovery-epochs", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder to keep the trained model in, reused by later runs")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -79,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(max(args.threads))
     task = data.mnist(args.data, train_limit=args.train_limit)
     start = time.perf_counter()
-    dense = train(models.cnn(width=args.width), epochs=args.epochs, data=task)
+    dense = trained_cnn(task, args.width, args.epochs, args.cache)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     pruned = prune(dense, ratio=args.ratio, recovery_epochs=args.recovery_epochs, data=task)
