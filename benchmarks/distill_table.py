@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -97,6 +98,7 @@ def main() -> None:
                           teacher_weighting="confidence", ctx=ctx)
             accs.append(accuracy(out, task, "test"))
         rows.append((name, accs))
+        print(f"{name}: {accs} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     print(f"digits (1797 8x8 images; {len(task.split('test'))} test), student SmallCNN "
           f"({_params(SmallCNN())} params), {args.epochs} epochs, lr {args.lr}, batch 64, "
           f"seeds 0..{args.seeds - 1}, {time.perf_counter() - start:.0f} s\n")
