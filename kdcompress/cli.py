@@ -135,13 +135,20 @@ def _run(args: argparse.Namespace, console, err) -> int:
                               until=args.until, only=args.only, data=task, threads=args.threads,
                               console=RichProgress(console))
     except RunFailed as exc:
+        from kdcompress import distributed
+
+        if not distributed.is_main():
+            return EXIT_STAGE_FAILED
         err.print(f"[red bold]failed:[/] {exc}", highlight=False)
         out = args.out or f"runs/{pipeline.name}"
         err.print(f"the report up to '{exc.stage}' is in {out}/report.md; completed stages are "
                   "cached, fix the stage and run again to resume")
         return EXIT_STAGE_FAILED
-    out = args.out or f"runs/{pipeline.name}"
-    console.print(f"report: {out}/report.md, {out}/report.json, {out}/report.png")
+    from kdcompress import distributed
+
+    if distributed.is_main():
+        out = args.out or f"runs/{pipeline.name}"
+        console.print(f"report: {out}/report.md, {out}/report.json, {out}/report.png")
     del report
     return EXIT_OK
 

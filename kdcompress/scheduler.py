@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 import kdcompress
+from kdcompress import distributed
 from kdcompress.artifacts import OnnxModel, load_module, module_spec, save_module
 from kdcompress.context import StageContext
 from kdcompress.data import Task, digits
@@ -149,14 +151,15 @@ class Scheduler:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise PipelineError("--device cuda asked for, but PyTorch sees no CUDA GPU here; "
                                 "run with --device cpu")
-        self.device = torch.device(device)
+        self.device = distributed.init_from_env(device)
+        self.main = distributed.is_main()
         self.fresh = fresh
         self.until = until
         self.only = only
         self.task = data or pipeline.data or digits()
         self.run_dir = Path(out) if out is not None else Path("runs") / pipeline.name
         self.stage_dir = self.run_dir / "stages"
-        self.progress = console or NullProgress()
+        self.progress = (console or NullProgress()) if self.main else NullProgress()
         self.measure_config = measure or MeasureConfig(threads=threads,
                                                        cuda=self.device.type == "cuda")
         self.baseline = pipeline.baseline_name()
@@ -164,7 +167,7 @@ class Scheduler:
         self.fingerprints: dict[str, str] = {}
         self.baseline_predictions: torch.Tensor | None = None
         self.report = Report(pipeline=pipeline.name, device=str(self.device),
-                             world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                             world_size=distributed.world_size(),
                              data=self.task.name, threads=self.measure_config.threads,
                              baseline=self.baseline,
                              edges=[list(e) for e in pipeline.graph().edges])
@@ -200,9 +203,11 @@ class Scheduler:
 
     def run(self) -> Report:
         """Run the planned stages; return the report (also written to the run folder)."""
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.stage_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        if self.main:
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.stage_dir.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        distributed.barrier()
         planned = self.planned()
         if self.only is not None:
             self._load_inputs_of(self.pipeline.stages[self.only])
@@ -272,28 +277,45 @@ class Scheduler:
         fp = self.fingerprint(stage)
         self.fingerprints[stage.name] = fp
         cached = not self.fresh and not force and self._complete(stage.name, fp)
+        cached = distributed.all_gather(cached)[0]  # rank 0 decides for every process
+        runs_here = self.main or getattr(stage.fn, "distributed", False)
         self.progress.stage_started(stage.name, stage.fn.__name__, cached)
         started = time.perf_counter()
+        error: BaseException | None = None
+        row: dict[str, Any] = {}
         try:
             if cached:
                 artifact = self._load(stage.name)
                 meta = json.loads((self.stage_dir / stage.name / META_FILE).read_text())
-            else:
+            elif runs_here:
                 artifact, meta = self._execute(stage, fp)
-            self.artifacts[stage.name] = artifact
-            if stage.name == self.baseline:
-                self.baseline_predictions = self._predictions_of(stage.name)
-            row = self._measure(stage, artifact, meta, cached)
+            if self.main:
+                self.artifacts[stage.name] = artifact
+                if stage.name == self.baseline:
+                    self.baseline_predictions = self._predictions_of(stage.name)
+                row = self._measure(stage, artifact, meta, cached)
         except Exception as exc:  # keep the report and the completed stages, name the stage
-            self._fail(stage, exc, time.perf_counter() - started)
+            error = exc
+        failures = distributed.all_gather(None if error is None else repr(error))
+        if error is None and any(failures):
+            culprit = next(i for i, f in enumerate(failures) if f)
+            error = StageError(f"process {culprit} of {len(failures)} failed: {failures[culprit]}")
+        if error is not None:
+            self._fail(stage, error, time.perf_counter() - started)
+        if not self.main:  # rank 0 has written the artifact: every process continues from it
+            self.artifacts[stage.name] = artifact if cached else self._load(stage.name)
+            return
         self.report.add(row)
         self.report.save(self.run_dir)
         self.progress.stage_finished(row, self.report)
 
     def _execute(self, stage: Stage, fp: str) -> tuple[Any, dict[str, Any]]:
-        tmp = self.stage_dir / f".tmp-{stage.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if self.main:
+            tmp = self.stage_dir / f".tmp-{stage.name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        else:  # another process of a data-parallel stage: its files are not kept
+            tmp = Path(tempfile.mkdtemp(prefix=f"kdcompress-{stage.name}-"))
         ctx = StageContext(name=stage.name, data=self.task, device=self.device,
                            seed=self.pipeline.seed, workdir=tmp,
                            progress=self.progress.epoch_callback(stage.name))
@@ -307,11 +329,23 @@ class Scheduler:
         started = time.perf_counter()
         result = stage.fn(**kwargs)
         seconds = time.perf_counter() - started
+        if not isinstance(result, (OnnxModel, nn.Module)):
+            raise StageError(f"stage '{stage.name}' ({stage.fn.__name__}) returned "
+                             f"{type(result).__name__}; a stage must return a torch nn.Module "
+                             "or a kdcompress OnnxModel")
         meta: dict[str, Any] = {
             "fingerprint": fp, "name": stage.name, "function": stage.function_name,
             "inputs": stage.input_names, "seconds": seconds, "details": ctx.details,
             "warnings": ctx.warnings,
         }
+        if not self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return result, meta
+        return self._commit(result, meta, tmp, stage.name)
+
+    def _commit(self, result: Any, meta: dict[str, Any], tmp: Path,
+                name: str) -> tuple[Any, dict[str, Any]]:
+        """Save a stage's result into ``tmp``, then rename it into place atomically."""
         if isinstance(result, OnnxModel):
             try:
                 relative = result.path.resolve().relative_to(tmp.resolve())
@@ -319,18 +353,14 @@ class Scheduler:
                 result = result.copy_to(tmp, ONNX_FILE)
                 relative = Path(ONNX_FILE)
             meta.update(format="onnx", file=str(relative))
-        elif isinstance(result, nn.Module):
+        else:
             result = result.cpu().eval()
             save_module(result, tmp)
             meta.update(format="torch")
-        else:
-            raise StageError(f"stage '{stage.name}' ({stage.fn.__name__}) returned "
-                             f"{type(result).__name__}; a stage must return a torch nn.Module "
-                             "or a kdcompress OnnxModel")
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, default=str))
-        final = self.stage_dir / stage.name
+        final = self.stage_dir / name
         if final.exists():
-            trash = self.stage_dir / f".tmp-old-{stage.name}-{os.getpid()}"
+            trash = self.stage_dir / f".tmp-old-{name}-{os.getpid()}"
             os.replace(final, trash)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -358,7 +388,8 @@ class Scheduler:
         message = f"{type(exc).__name__}: {exc}"
         log.debug("stage %s failed", stage.name, exc_info=exc)
         self.report.fail(stage.name, stage.function_name, message, seconds)
-        self.report.save(self.run_dir)
+        if self.main:
+            self.report.save(self.run_dir)
         self.progress.stage_failed(stage.name, message)
         raise RunFailed(f"stage '{stage.name}' ({stage.fn.__name__}) failed: {message}",
                         stage.name, self.report) from exc

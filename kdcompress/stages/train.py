@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcompress import distributed
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
 from kdcompress.models import ModelSpec, as_module
@@ -16,6 +17,7 @@ from kdcompress.training import accuracy, make_optimizer
 __all__ = ["train"]
 
 
+@distributed.data_parallel
 def train(
     model: nn.Module | ModelSpec, *, epochs: int = 10, lr: float = 2e-3, batch_size: int = 64,
     weight_decay: float = 1e-4, label_smoothing: float = 0.0, data: Task | None = None,
@@ -23,7 +25,8 @@ def train(
 ) -> nn.Module:
     """Train ``model`` on the task's training split with cross-entropy.
 
-    AdamW with cosine decay; the input model is copied, never changed.
+    AdamW with cosine decay; the input model is copied, never changed. Under ``torchrun`` every
+    process trains its shard of the data with DistributedDataParallel.
 
     Parameters
     ----------
@@ -51,17 +54,19 @@ def train(
     model = copy.deepcopy(as_module(model, ctx.data)).to(ctx.device)
     if epochs == 0:
         return model.cpu().eval()
-    loader_len = len(ctx.data.loader("train", batch_size=batch_size))
+    net = distributed.wrap(model, ctx.device)
+    train_set = ctx.data.split("train")
+    steps = len(distributed.sharded_loader(train_set, batch_size=batch_size, seed=ctx.seed))
     optimizer, scheduler = make_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay,
-                                          epochs=epochs, steps_per_epoch=loader_len)
+                                          epochs=epochs, steps_per_epoch=steps)
     split = "val" if ctx.data.val is not None else "train"
     for epoch in range(epochs):
-        model.train()
+        net.train()
         total, count = 0.0, 0
-        for x, y in ctx.data.loader("train", batch_size=batch_size, shuffle=True,
-                                    seed=ctx.seed + epoch):
+        for x, y in distributed.sharded_loader(train_set, batch_size=batch_size,
+                                               seed=ctx.seed + epoch):
             x, y = x.to(ctx.device), y.to(ctx.device)
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(net(x), y, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,118 @@
+"""Data-parallel training under ``torchrun``: process group, sharded loaders, DDP wrapping.
+
+``torchrun --nproc-per-node N -m kdcompress run FILE`` starts N processes. Stages that declare
+themselves data-parallel (``train``, ``distill``: ``fn.distributed = True``) run on every process
+with :class:`~torch.nn.parallel.DistributedDataParallel` and a
+:class:`~torch.utils.data.DistributedSampler`; every other stage runs on rank 0 while the others
+wait. Rank 0 alone writes artifacts and reports. Gloo on the CPU, NCCL on CUDA.
+Outside ``torchrun`` every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "barrier",
+           "all_gather", "wrap", "unwrap", "sharded_loader", "data_parallel"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one process is running."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes (1 outside torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank (0 outside torchrun)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes artifacts and reports."""
+    return rank() == 0
+
+
+def init_from_env(device: str) -> torch.device:
+    """Join the process group torchrun describes (if any); return this process's device."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(hours=4))
+    if device == "cuda" and is_distributed():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(device)
+
+
+def barrier() -> None:
+    """Wait for every process."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (a one-element list outside torchrun)."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` under torchrun, ``model`` otherwise."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper."""
+    return model.module if hasattr(model, "module") and is_distributed() else model
+
+
+def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int,
+                   drop_last: bool = False) -> DataLoader:
+    """A shuffled loader over this process's shard (all of it outside torchrun)."""
+    if not is_distributed():
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                          drop_last=drop_last)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+
+
+def data_parallel(fn: F) -> F:
+    """Mark a stage function as data-parallel: under torchrun every process runs it."""
+    fn.distributed = True  # type: ignore[attr-defined]
+    return fn

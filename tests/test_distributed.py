@@ -1,0 +1,46 @@
+"""Data-parallel runs under torchrun: two CPU processes (gloo), rank 0 writes, all agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdcompress import distributed
+from kdcompress.artifacts import load_module
+
+PIPELINES = Path(__file__).parent / "pipelines"
+
+
+def test_outside_torchrun_everything_is_single_process():
+    assert distributed.world_size() == 1
+    assert distributed.rank() == 0 and distributed.is_main()
+    assert distributed.all_gather("x") == ["x"]
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap(model, torch.device("cpu")) is model
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_torchrun_two_processes_train_data_parallel(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "29517", "-m", "kdcompress", "run", str(PIPELINES / "tiny.py"),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert [s["name"] for s in report["stages"]] == ["teacher", "student"]
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in report["stages"])
+    # rank 0 alone writes: one artifact per stage, and no leftover temporary folders
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["student", "teacher"]
+    assert load_module(out / "stages" / "student")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    # the report line is printed once, by rank 0
+    assert proc.stdout.count("report: ") == 1
