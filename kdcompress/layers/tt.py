@@ -340,7 +340,7 @@ class TTLinear(nn.Module):
         return t.reshape(-1, math.prod(m))
 
     def _contract_right(self, x: torch.Tensor) -> torch.Tensor:
-        # state (M_{>k}, B, N_{<k}, n_k r_k); mirrors _contract_left from the last core
+        # from the last core: state (M_{>k}, B, N_{<k}, n_k r_k), one 2-D transpose + matmul each
         r, m, n, d = self.ranks, self.out_modes, self.in_modes, self.order
         t = x
         for k in range(d - 1, -1, -1):
