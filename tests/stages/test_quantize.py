@@ -46,10 +46,11 @@ def test_static_int8_keeps_accuracy_on_test_split(cnn_fp32, task, calibration):
     assert fp32_acc > 0.9
     assert int8_acc >= fp32_acc - 0.03, (fp32_acc, int8_acc)
     assert ctx.details["mode"] == "static" and ctx.details["format"] == "QDQ"
-    # conv1 (1 input channel, 3x3: a reduction of 9) stays fp32, where it runs faster
-    assert ctx.details["quantized_nodes"] == {"Conv": 2, "Gemm": 2}
-    assert ctx.details["fp32_compute_nodes"] == {"Conv": 1}
-    assert len(ctx.details["kept_fp32"]) == 1
+    # conv1 (1 input channel, 3x3: a reduction of 9) is timed in int8 and in fp32: either wins
+    kept = len(ctx.details["kept_fp32"])
+    assert set(ctx.details["small_convs_ms"]) == {"int8", "fp32"}
+    assert ctx.details["quantized_nodes"] == {"Conv": 3 - kept, "Gemm": 2}
+    assert ctx.details["fp32_compute_nodes"] == ({"Conv": 1} if kept else {})
     assert ctx.details["calibration_samples"] == 128
     assert int8.size_bytes < 0.45 * cnn_fp32.size_bytes
     assert ctx.details["speedup_batch64_1thread"] > 0
