@@ -4,8 +4,8 @@ The straightforward formula (as in the RKD authors' code) builds the ``(B, B, D)
 differences, normalises it and multiplies it by itself with ``bmm``; kdcompress uses the Gram
 identity ``<x_i - x_j, x_k - x_j> = G_ik - G_ij - G_jk + G_jj`` in chunks of apexes with an
 analytic backward. Both run in this process on the same inputs; times are medians over repeats,
-memory is the growth of the peak resident set size (``ru_maxrss``) over one forward + backward,
-each implementation in a fresh process.
+memory is the growth of the peak resident set size (``VmHWM``) over one forward + backward, each
+implementation in a fresh process.
 
 Usage: ``python benchmarks/bench_losses.py [--batch 256] [--dim 512] [--repeats 7]``
 """
@@ -63,10 +63,22 @@ def peak_mib(name: str, args: argparse.Namespace) -> float:
 
 def _report_peak(name: str, s: torch.Tensor, t: torch.Tensor) -> None:
     step(IMPLEMENTATIONS[name], s[:8], t[:8])  # load the kernels on a tiny batch first
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _high_water_kib()
     step(IMPLEMENTATIONS[name], s, t)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)  # ru_maxrss is in KiB on Linux
+    print((_high_water_kib() - before) / 1024)
+
+
+def _high_water_kib() -> int:
+    """Peak resident set size of this process (VmHWM; unlike ru_maxrss, not inherited from the
+    parent across exec). Falls back to ru_maxrss off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 IMPLEMENTATIONS = {"bmm over (B, B, D)": bmm_angle_loss,
