@@ -402,7 +402,7 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor, *, chunk: int | None = None
     s, t = _flat_pair("rkd_angle_loss", student, teacher)
     b = len(s)
     if chunk is None:
-        chunk = max(1, (1 << 18) // max(b * b, 1))  # about 1 MiB per float32 temporary
+        chunk = max(1, (1 << 21) // max(b * b, 1))  # about 8 MiB per float32 temporary
     gs = _gram(s)
     with torch.no_grad():
         gt = _gram(t).to(gs.dtype)
