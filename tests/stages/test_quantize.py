@@ -54,7 +54,8 @@ def test_static_int8_keeps_accuracy_on_test_split(cnn_fp32, task, calibration):
     assert ctx.details["calibration_samples"] == 128
     assert int8.size_bytes < 0.45 * cnn_fp32.size_bytes
     assert ctx.details["speedup_batch64_1thread"] > 0
-    assert isinstance(ctx.details["slow_reason"], str)
+    if ctx.details["speedup_batch64_1thread"] < 1.0:
+        assert ctx.details["slow_reason"] and ctx.warnings
 
 
 def test_auto_picks_static_for_cnn_and_dynamic_for_mlp(cnn_fp32, mlp_fp32, task):
