@@ -235,7 +235,8 @@ class TTLinear(nn.Module):
     ----------
     forward_mode : str
         ``"auto"`` (default) contracts the input with the cores, or rebuilds ``W`` and does one
-        matmul when that needs fewer multiply-adds for the batch at hand; ``"factorized"`` and
+        matmul when that needs fewer multiply-adds for the batch at hand (a contraction MAC
+        counted as :attr:`FACTORIZED_MAC_COST` dense ones); ``"factorized"`` and
         ``"dense"`` force one path. While exported or traced, ``"auto"`` is ``"factorized"``.
 
     Examples
@@ -246,6 +247,10 @@ class TTLinear(nn.Module):
     >>> layer.in_modes, layer.out_modes
     ((4, 7, 7, 4), (4, 4, 8, 4))
     """
+
+    #: A multiply-add of the contraction costs about this many of one large dense matmul (its
+    #: matmuls are skinny and memory-bound; measured with ``benchmarks/bench_tt.py`` on CPU).
+    FACTORIZED_MAC_COST = 2.0
 
     def __init__(self, in_features: int, out_features: int, *, in_modes: Sequence[int],
                  out_modes: Sequence[int], ranks: Sequence[int], bias: bool = True) -> None:
@@ -384,7 +389,7 @@ class TTLinear(nn.Module):
         if self.forward_mode == "factorized" or not eager:
             return False
         _, fact, build, linear = self._plan()
-        return build + batch * linear < batch * fact
+        return build + batch * linear < self.FACTORIZED_MAC_COST * batch * fact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eager = _in_eager()
