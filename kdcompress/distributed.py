@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "barrier",
-           "all_gather", "wrap", "unwrap", "sharded_loader", "data_parallel"]
+           "all_gather", "wrap", "unwrap", "sharded_loader", "average_gradients",
+           "data_parallel"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -110,6 +111,19 @@ def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int,
                           drop_last=drop_last)
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+
+
+def average_gradients(params: Any) -> None:
+    """All-reduce and average the gradients of parameters outside a DDP wrapper (adapters)."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= size
 
 
 def data_parallel(fn: F) -> F:

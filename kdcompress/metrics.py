@@ -21,7 +21,7 @@ from kdcompress.artifacts import RECIPE_FILE, WEIGHTS_FILE, OnnxModel, num_param
 from kdcompress.data import Task
 from kdcompress.training import predict_logits
 
-__all__ = ["MeasureConfig", "measure", "latency", "predict", "count_macs"]
+__all__ = ["MeasureConfig", "measure", "latency", "predict", "count_macs", "time_call"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,10 @@ def _batch(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.repeat(reps, *([1] * (x.ndim - 1)))[:n].contiguous()
 
 
-def _time(fn: Callable[[], Any], config: MeasureConfig, sync: Callable[[], None]) -> dict:
+def time_call(fn: Callable[[], Any], config: MeasureConfig | None = None,
+              sync: Callable[[], None] = lambda: None) -> dict:
+    """Time ``fn()`` after warm-up: ``{"p50", "p90"}`` in milliseconds and the number of runs."""
+    config = config or MeasureConfig()
     for _ in range(config.warmup):
         fn()
     sync()
@@ -92,8 +95,7 @@ def latency(model: nn.Module | OnnxModel, x: torch.Tensor, config: MeasureConfig
         name = session.get_inputs()[0].name
         for b in config.batch_sizes:
             feed = {name: _batch(x, b).numpy()}
-            out[f"batch_{b}"] = _time(lambda feed=feed: session.run(None, feed), config,
-                                      lambda: None)
+            out[f"batch_{b}"] = time_call(lambda feed=feed: session.run(None, feed), config)
         return out
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -103,7 +105,7 @@ def latency(model: nn.Module | OnnxModel, x: torch.Tensor, config: MeasureConfig
         with torch.inference_mode():
             for b in config.batch_sizes:
                 xb = _batch(x, b).to(device)
-                out[f"batch_{b}"] = _time(lambda xb=xb: model(xb), config, sync)
+                out[f"batch_{b}"] = time_call(lambda xb=xb: model(xb), config, sync)
     finally:
         torch.set_num_threads(previous)
         model.to("cpu")

@@ -13,7 +13,7 @@ teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=64), epoch
 student = pipeline.stage(decompose_tt, out="student", model=teacher, rank=8)
 student_kd = pipeline.stage(distill, out="student_kd", student=student, teacher=teacher,
                             loss=KD(temperature=4) * 0.9 + CE() * 0.1, epochs=15)
-pruned = pipeline.stage(prune, out="pruned", model=student_kd, ratio=0.3, teacher=teacher,
-                        recovery_epochs=5)
+pruned = pipeline.stage(prune, out="pruned", model=student_kd, ratio=0.3, round_to=8,
+                        teacher=teacher, recovery_epochs=5)
 fp32 = pipeline.stage(export_onnx, out="fp32", model=pruned)
 int8 = pipeline.stage(quantize_onnx, out="int8", model=fp32, mode="static")

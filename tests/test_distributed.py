@@ -25,15 +25,18 @@ def test_outside_torchrun_everything_is_single_process():
     assert distributed.wrap(model, torch.device("cpu")) is model
 
 
+def _torchrun(pipeline: Path, out: Path, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(port), "-m", "kdcompress", "run", str(pipeline), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_torchrun_two_processes_train_data_parallel(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", "29517", "-m", "kdcompress", "run", str(PIPELINES / "tiny.py"),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env)
+    proc = _torchrun(PIPELINES / "tiny.py", out, 29517)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
@@ -44,3 +47,16 @@ def test_torchrun_two_processes_train_data_parallel(tmp_path):
     assert load_module(out / "stages" / "student")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     # the report line is printed once, by rank 0
     assert proc.stdout.count("report: ") == 1
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_torchrun_distill_with_adapters_matches_across_processes(tmp_path):
+    """distill runs data-parallel too; its feature adapter's gradients are averaged."""
+    out = tmp_path / "run"
+    proc = _torchrun(PIPELINES / "tiny_distill.py", out, 29518)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2
+    student = report["stages"][1]
+    assert student["name"] == "student" and student["accuracy"] > 0.3
+    assert "fitnet" in " ".join(student["details"]["loss_parts"])

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -639,15 +637,11 @@ class TTConv2d(nn.Module):
 
 
 def _median_time(fn: Any, x: torch.Tensor, repeats: int = 15) -> float:
+    from kdcompress.metrics import MeasureConfig, time_call
+
     with torch.no_grad():
-        for _ in range(3):
-            fn(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        ms = time_call(lambda: fn(x), MeasureConfig(warmup=3, repeats=repeats, min_seconds=0.0))
+    return ms["p50"] / 1e3
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

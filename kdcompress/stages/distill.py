@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from kdcompress import distributed
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
 from kdcompress.errors import LayerError, LossError, StageError
@@ -48,6 +49,7 @@ def default_loss() -> DistillLoss:
     return KD(temperature=4.0) * 0.9 + CE() * 0.1
 
 
+@distributed.data_parallel
 def distill(
     student: nn.Module, teacher: nn.Module | list[nn.Module] | None = None, *,
     loss: nn.Module | None = None, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64,
@@ -241,9 +243,9 @@ class _Run:
         """The shuffled training loader of one epoch; the last, smaller batch is dropped when the
         split holds more than a batch (relation losses and BatchNorm need >= 2 samples)."""
         train = self.ctx.data.split("train")
-        return self.ctx.data.loader("train", batch_size=self.batch_size, shuffle=True,
-                                    seed=self.ctx.seed + epoch,
-                                    drop_last=len(train) > self.batch_size)  # type: ignore[arg-type]
+        return distributed.sharded_loader(train, batch_size=self.batch_size,
+                                          seed=self.ctx.seed + epoch,
+                                          drop_last=len(train) > self.batch_size)  # type: ignore[arg-type]
 
     def batches(self, epoch: int, indexed: bool) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         """``(x, y, index)`` batches of one epoch; ``index`` only when ``indexed``."""
@@ -293,8 +295,9 @@ class _Run:
         optimizer = scheduler = None
         steps = 0
         split = "val" if ctx.data.val is not None else "train"
+        net = distributed.wrap(student, ctx.device)  # the hooks stay on the inner student
         for epoch in range(self.epochs):
-            student.train()
+            net.train()
             sums: dict[str, float] = {}
             count = 0
             for x, y, index in self.batches(epoch, indexed=cache is not None):
@@ -303,7 +306,7 @@ class _Run:
                                                       loss.teacher_layers())
                 s_capture.clear()
                 batch = DistillBatch(
-                    student_logits=student(x), teacher_logits=logits, labels=y,
+                    student_logits=net(x), teacher_logits=logits, labels=y,
                     student_features=s_capture.pop(), teacher_features=feats,
                     teacher_weights=teacher_weights(logits, y, self.teacher_weighting)
                     if len(logits) > 1 else None)
@@ -317,6 +320,7 @@ class _Run:
                 value, parts = loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
+                distributed.average_gradients(loss.parameters())
                 optimizer.step()
                 scheduler.step()
                 steps += 1
