@@ -72,7 +72,8 @@ class StageContext:
 
     def warn(self, message: str) -> None:
         """Add a warning shown in the terminal and kept in the report."""
-        log.warning("%s: %s", self.name, message)
+        if self.progress is None:  # a stage called directly: nothing else will show it
+            log.warning("%s: %s", self.name, message)
         self.warnings.append(message)
 
     def report_epoch(self, description: str, completed: int, total: int, info: str = "") -> None:

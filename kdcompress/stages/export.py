@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +168,22 @@ def _materialize_tt(model: nn.Module, mode: str, ctx: StageContext) -> tuple[nn.
 
 def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> None:
     batch = torch.export.Dim("batch")
+    # the exporter logs one line per torchvision operator it cannot register and warns about its
+    # own pytree internals: neither concerns the user's model
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     try:
-        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: batch},), verbose=False, external_data=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), verbose=False, external_data=True)
     except Exception as exc:  # the exporter raises many types; name the stage and the cause
         raise StageError(f"export_onnx: torch.onnx.export failed for {type(model).__name__}: "
                          f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
+    finally:
+        registration.setLevel(level)
 
 
 def _load(path: Path) -> Any:
