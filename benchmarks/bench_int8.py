@@ -14,9 +14,7 @@ load from other processes hits both alike. Prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,40 +22,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from torch import nn
+from common import mnist_arguments, ort_runner, session, side_by_side, trained_cnn
 
 import kdcompress.stages.quantize as quantize_module
-from kdcompress import data, models
-from kdcompress.artifacts import OnnxModel, load_module, save_module
+from kdcompress import data
+from kdcompress.artifacts import OnnxModel
 from kdcompress.context import StageContext
 from kdcompress.stages.export import export_onnx
 from kdcompress.stages.quantize import cpu_int8_features, quantize_onnx
-from kdcompress.stages.train import train
 
 
-def session(model: OnnxModel, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
-
-
-def side_by_side(models_: dict[str, OnnxModel], x: np.ndarray, threads: int, rounds: int
-                 ) -> dict[str, float]:
+def interleaved(models_: dict[str, OnnxModel], x: np.ndarray, threads: int, rounds: int
+                ) -> dict[str, float]:
     """Median latency (ms) of each model on ``x``, runs interleaved round by round."""
-    sessions = {k: session(m, threads) for k, m in models_.items()}
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(5):  # warm-up
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[k])
-            times[k].append(time.perf_counter() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return side_by_side({k: ort_runner(m, x, threads) for k, m in models_.items()}, rounds)
 
 
 def top1(model: OnnxModel, task: data.Task) -> float:
@@ -76,17 +54,6 @@ def quantized(fp32: OnnxModel, task: data.Task, root: Path, name: str, **kwargs)
     return quantize_onnx(fp32, ctx=ctx, **kwargs)
 
 
-def trained_cnn(task: data.Task, width: int, epochs: int, cache: Path | None) -> nn.Module:
-    """``models.cnn(width)`` trained on ``task``, loaded from ``cache`` when trained before."""
-    folder = None if cache is None else cache / f"cnn-w{width}-e{epochs}-{task.fingerprint}"
-    if folder is not None and (folder / "weights.pt").exists():
-        return load_module(folder)
-    model = train(models.cnn(width=width), epochs=epochs, data=task)
-    if folder is not None:
-        save_module(model, folder)
-    return model
-
-
 def quantized_all_convs(fp32: OnnxModel, task: data.Task, root: Path) -> OnnxModel:
     """int8 with the first conv quantized too (the stage keeps tiny-reduction convs in fp32)."""
     saved = quantize_module._MIN_CONV_REDUCTION
@@ -99,16 +66,7 @@ def quantized_all_convs(fp32: OnnxModel, task: data.Task, root: Path) -> OnnxMod
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="int8 vs fp32 with ONNX Runtime on MNIST")
-    parser.add_argument("--data", default=os.environ.get("KDCOMPRESS_DATA",
-                                                         "/work/shared/data/mnist"))
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--train-limit", type=int, default=12000)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="folder to keep the trained model in, reused by later runs")
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    mnist_arguments(parser, epochs=1, train_limit=12000, width=64)
     args = parser.parse_args()
 
     torch.set_num_threads(max(args.threads))
@@ -149,7 +107,7 @@ def main() -> None:
     print("|---|---|---|" + "---|---|" * len(columns))
     for batch in args.batches:
         for threads in args.threads:
-            t = side_by_side({"fp32": fp32, **{k: variants[k] for k in columns}},
+            t = interleaved({"fp32": fp32, **{k: variants[k] for k in columns}},
                              x_all[:batch], threads, args.rounds)
             cells = " | ".join(f"{t[k]:.3f} | {t['fp32'] / t[k]:.2f}x" for k in columns)
             print(f"| {batch} | {threads} | {t['fp32']:.3f} | {cells} |")

@@ -13,47 +13,18 @@ process: PyTorch eager and ONNX Runtime fp32 (both exported with ``export_onnx``
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import torch
 import torch_pruning as tp
+from common import mnist_arguments, ort_runner, side_by_side, trained_cnn
 from torch import nn
 
-from kdcompress import data, models
-from kdcompress.artifacts import OnnxModel, load_module, save_module
+from kdcompress import data
 from kdcompress.stages.export import export_onnx
 from kdcompress.stages.prune import prune
-from kdcompress.stages.train import train
 from kdcompress.training import accuracy
-
-
-def side_by_side(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median latency (ms) of each zero-argument callable, interleaved round by round."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(5):
-        for run in runners.values():
-            run()
-    for _ in range(rounds):
-        for k, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
-def ort_runner(model: OnnxModel, x: np.ndarray, threads: int) -> Callable[[], object]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x}
-    return lambda: sess.run(None, feed)
 
 
 def torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -63,31 +34,11 @@ def torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def trained_cnn(task: data.Task, width: int, epochs: int, cache: Path | None) -> nn.Module:
-    """``models.cnn(width)`` trained on ``task``, loaded from ``cache`` when trained before."""
-    folder = None if cache is None else cache / f"cnn-w{width}-e{epochs}-{task.fingerprint}"
-    if folder is not None and (folder / "weights.pt").exists():
-        return load_module(folder)
-    model = train(models.cnn(width=width), epochs=epochs, data=task)
-    if folder is not None:
-        save_module(model, folder)
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="50% channel pruning vs latency on MNIST")
-    parser.add_argument("--data", default=os.environ.get("KDCOMPRESS_DATA",
-                                                         "/work/shared/data/mnist"))
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-limit", type=int, default=20000)
-    parser.add_argument("--width", type=int, default=32)
+    mnist_arguments(parser, epochs=2, train_limit=20000, width=32)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--recovery-epochs", type=int, default=1)
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="folder to keep the trained model in, reused by later runs")
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     args = parser.parse_args()
 
     torch.set_num_threads(max(args.threads))

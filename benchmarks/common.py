@@ -1,0 +1,77 @@
+"""Pieces shared by the MNIST benchmarks: data arguments, a cached trained CNN, interleaved timing.
+
+Benchmarks are scripts (``python benchmarks/NAME.py``), so this module is imported by its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from torch import nn
+
+from kdcompress import data, models
+from kdcompress.artifacts import OnnxModel, load_module, save_module
+from kdcompress.stages.train import train
+
+
+def mnist_arguments(parser: argparse.ArgumentParser, *, epochs: int, train_limit: int,
+                    width: int) -> None:
+    """The options every MNIST benchmark takes."""
+    parser.add_argument("--data", default=os.environ.get(data.DATA_ENV),
+                        help="folder with the four MNIST IDX files (or set KDCOMPRESS_DATA)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--train-limit", type=int, default=train_limit)
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder to keep the trained model in, reused by later runs")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+
+
+def trained_cnn(task: data.Task, width: int, epochs: int, cache: Path | None) -> nn.Module:
+    """``models.cnn(width)`` trained on ``task``, loaded from ``cache`` when trained before."""
+    folder = None if cache is None else cache / f"cnn-w{width}-e{epochs}-{task.fingerprint}"
+    if folder is not None and (folder / "weights.pt").exists():
+        return load_module(folder)
+    model = train(models.cnn(width=width), epochs=epochs, data=task)
+    if folder is not None:
+        save_module(model, folder)
+    return model
+
+
+def session(model: OnnxModel, threads: int) -> ort.InferenceSession:
+    """A sequential ONNX Runtime CPU session with ``threads`` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(model: OnnxModel, x: np.ndarray, threads: int) -> Callable[[], object]:
+    """A zero-argument callable running ``model`` on ``x``."""
+    sess = session(model, threads)
+    feed = {sess.get_inputs()[0].name: x}
+    return lambda: sess.run(None, feed)
+
+
+def side_by_side(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median latency (ms) of each zero-argument callable, interleaved round by round."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(5):
+        for run in runners.values():
+            run()
+    for _ in range(rounds):
+        for k, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
