@@ -214,6 +214,18 @@ def _in_eager() -> bool:
                 or torch.onnx.is_in_onnx_export())
 
 
+def _fill(layer: Any, cores: Sequence[np.ndarray], bias: torch.Tensor | None,
+          like: torch.Tensor) -> Any:
+    """Copy factor arrays and a bias into a new layer, with ``like``'s dtype and device."""
+    layer = layer.to(like.dtype)
+    with torch.no_grad():
+        for core, array in zip(layer.cores, cores, strict=True):
+            core.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(like.dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+    return layer.to(like.device)
+
+
 class TTLinear(nn.Module):
     """A linear layer whose weight is a TT-matrix (Novikov et al. 2015).
 
@@ -455,14 +467,7 @@ class TTLinear(nn.Module):
         ranks = [1, *[f.shape[-1] for f in factors]]
         layer = cls(linear.in_features, linear.out_features, in_modes=in_modes,
                     out_modes=out_modes, ranks=ranks, bias=linear.bias is not None)
-        dtype = linear.weight.dtype
-        layer = layer.to(dtype)
-        with torch.no_grad():
-            for core, f in zip(layer.cores, factors, strict=True):
-                core.copy_(torch.from_numpy(np.ascontiguousarray(f)).to(dtype))
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias.detach())
-        return layer.to(linear.weight.device)
+        return _fill(layer, factors, linear.bias, linear.weight)
 
     def to_dense(self) -> nn.Linear:
         """The equivalent ``nn.Linear`` (same weight and bias)."""
@@ -609,16 +614,9 @@ class TTConv2d(nn.Module):
         ranks = [1, f0.shape[-1], f1.shape[-1], f2.shape[-1], 1]
         layer = cls(c_in, c_out, (kh, kw), ranks=ranks, stride=conv.stride,
                     padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None)
-        layer = layer.to(conv.weight.dtype)
         weights = [f0[0].T[:, :, None, None], f1.transpose(2, 0, 1)[..., None],
                    f2.transpose(2, 0, 1)[:, :, None, :], f3[..., 0].T[:, :, None, None]]
-        dtype = conv.weight.dtype
-        with torch.no_grad():
-            for core, w in zip(layer.cores, weights, strict=True):
-                core.copy_(torch.from_numpy(np.ascontiguousarray(w)).to(dtype))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias.detach())
-        return layer.to(conv.weight.device)
+        return _fill(layer, weights, conv.bias, conv.weight)
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d``."""
