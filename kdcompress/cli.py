@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline file")
     run.add_argument("file", help="a Python file defining `pipeline`")
-    run.add_argument("--out", help="run folder (default runs/<pipeline name>)")
+    run.add_argument("--out", help="run folder (default runs/<pipeline name>, or "
+                     "runs/<pipeline name>-<data> with --data)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (training device)")
     run.add_argument("--fresh", action="store_true", help="ignore cached stages")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, console, err) -> int:
     from kdcompress import data as data_module
     from kdcompress.progress import RichProgress
-    from kdcompress.scheduler import RunFailed
+    from kdcompress.scheduler import RunFailed, default_run_dir
 
     pipeline = load_pipeline(args.file)
     task = data_module.get(args.data) if args.data else None
@@ -140,14 +141,14 @@ def _run(args: argparse.Namespace, console, err) -> int:
         if not distributed.is_main():
             return EXIT_STAGE_FAILED
         err.print(f"[red bold]failed:[/] {exc}", highlight=False)
-        out = args.out or f"runs/{pipeline.name}"
+        out = args.out or default_run_dir(pipeline.name, task.name if task else None)
         err.print(f"the report up to '{exc.stage}' is in {out}/report.md; completed stages are "
                   "cached, fix the stage and run again to resume")
         return EXIT_STAGE_FAILED
     from kdcompress import distributed
 
     if distributed.is_main():
-        out = args.out or f"runs/{pipeline.name}"
+        out = args.out or default_run_dir(pipeline.name, task.name if task else None)
         console.print(f"report: {out}/report.md, {out}/report.json, {out}/report.png")
     del report
     return EXIT_OK

@@ -269,7 +269,8 @@ class Pipeline:
         Parameters
         ----------
         out : path, optional
-            Run folder; ``runs/<name>`` by default.
+            Run folder; ``runs/<name>`` by default, ``runs/<name>-<data name>`` when ``data``
+            replaces the pipeline's data.
         device : {"cpu", "cuda"}
             Where training happens; latency is measured on the CPU, and on CUDA when used.
         fresh : bool

@@ -39,7 +39,7 @@ from kdcompress.pipeline import Pipeline, Stage
 from kdcompress.progress import NullProgress, Progress
 from kdcompress.report import Report
 
-__all__ = ["Scheduler", "RunFailed", "fingerprint_constant"]
+__all__ = ["Scheduler", "RunFailed", "fingerprint_constant", "default_run_dir"]
 
 log = logging.getLogger(__name__)
 META_FILE = "meta.json"
@@ -133,6 +133,14 @@ def function_fingerprint(fn: Any) -> str:
 # the scheduler
 
 
+def default_run_dir(pipeline: str, data: str | None = None) -> Path:
+    """``runs/<pipeline>``, or ``runs/<pipeline>-<data>`` when the data was swapped for the run.
+
+    Runs of one pipeline on other data keep their own artifacts instead of replacing these.
+    """
+    return Path("runs") / (pipeline if data is None else f"{pipeline}-{data}")
+
+
 class Scheduler:
     """Runs one pipeline into one run folder. Use :meth:`Pipeline.run` or ``kdcompress run``."""
 
@@ -157,7 +165,8 @@ class Scheduler:
         self.until = until
         self.only = only
         self.task = data or pipeline.data or digits()
-        self.run_dir = Path(out) if out is not None else Path("runs") / pipeline.name
+        self.run_dir = Path(out) if out is not None else default_run_dir(
+            pipeline.name, None if data is None else self.task.name)
         self.stage_dir = self.run_dir / "stages"
         self.progress = (console or NullProgress()) if self.main else NullProgress()
         self.measure_config = measure or MeasureConfig(threads=threads,

@@ -160,3 +160,10 @@ def test_unparsable_file_exits_2_naming_the_line(tmp_path, capsys):
     assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "unparsable.py:3: syntax error" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "run").exists()
+
+
+def test_swapped_data_gets_its_own_default_run_folder():
+    from kdcompress.scheduler import default_run_dir
+
+    assert default_run_dir("tt_distill_quant") == Path("runs") / "tt_distill_quant"
+    assert default_run_dir("tt_distill_quant", "mnist") == Path("runs") / "tt_distill_quant-mnist"
