@@ -119,8 +119,9 @@ class RichProgress(Progress):
         def update(description: str, completed: int, total: int, info: str = "") -> None:
             self.bar.update(self.task_id, description=f"{name} ({description})",
                             completed=completed, total=total, info=info)
-            if self.live is None and completed == total:
-                self.console.print(f"  {name}: {description} {completed}/{total} {info}")
+            if self.live is None:  # logs: one line per epoch
+                self.console.print(f"  {name}: {description} {completed}/{total} {info}",
+                                   highlight=False)
 
         return update
 
