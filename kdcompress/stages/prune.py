@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,7 +107,7 @@ def prune(
     ctx.record("ignored_layers", sorted(ignored))
     import torch_pruning as tp
 
-    with _tt_support(model, example) as extra:
+    with _tt_support(model) as extra:
         pruner = tp.pruner.MetaPruner(
             model, example, _importance(importance), global_pruning=global_pruning,
             pruning_ratio=ratio, iterative_steps=iterative_steps,
@@ -227,39 +226,19 @@ def _is_tt(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _tt_support(model: nn.Module, example: torch.Tensor) -> Iterator[dict[str, Any]]:
+def _tt_support(model: nn.Module) -> Iterator[dict[str, Any]]:
     """Extra MetaPruner keyword arguments that keep tensor-train layers consistent.
 
-    With ``kdcompress.layers.tt_prune`` the TT layers trace as one linear map and are pruned
-    through their own pruner; without it, TT layers and the layers feeding them are left alone.
+    The TT layers trace as one linear map (``dense_trace``) and are pruned through their own
+    pruners (:mod:`kdcompress.layers.tt_prune`), so their cores are sliced, never corrupted.
     """
-    tt = {n: m for n, m in model.named_modules() if _is_tt(m)}
-    if not tt:
+    if not any(_is_tt(m) for m in model.modules()):
         yield {}
         return
-    try:
-        from kdcompress.layers.tt_prune import dense_trace, tt_pruner_kwargs
-    except ImportError:
-        with warnings.catch_warnings():  # TT cores are protected, not "unwrapped parameters"
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            yield {"ignored_layers": _tt_protected(model, example, tt)}
-        return
+    from kdcompress.layers.tt_prune import dense_trace, tt_pruner_kwargs
+
     with dense_trace(model):
         yield dict(tt_pruner_kwargs(model))
-
-
-def _tt_protected(model: nn.Module, example: torch.Tensor,
-                  tt: dict[str, nn.Module]) -> list[nn.Module]:
-    """TT layers plus, for each, the Conv/Linear layer whose output it reads."""
-    protected = list(tt.values())
-    previous: nn.Module | None = None
-    for _, module in _leaf_order(model, example):
-        if _is_tt(module):
-            if previous is not None:
-                protected.append(previous)
-        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            previous = module
-    return protected
 
 
 # ----------------------------------------------------------------------------------------------

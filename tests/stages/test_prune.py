@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -111,17 +109,3 @@ def test_tt_layer_in_classifier_is_protected(trained, task, tmp_path):
     save_module(pruned, tmp_path)
     with torch.no_grad():
         assert torch.equal(pruned(x), load_module(tmp_path)(x))
-
-
-def test_tt_layers_protected_without_tt_pruner(trained, task, monkeypatch):
-    tt = pytest.importorskip("kdcompress.layers.tt")
-    monkeypatch.setitem(sys.modules, "kdcompress.layers.tt_prune", None)  # import fails
-    model = models.cnn(width=16, hidden=64).build((1, 8, 8), 10).eval()
-    model.load_state_dict(trained.state_dict())
-    model.classifier.fc1 = tt.TTLinear.from_linear(model.classifier.fc1, rank=4)
-    pruned = prune(model, ratio=0.5, data=task)
-    assert pruned.features.conv2.out_channels == 8
-    assert pruned.features.conv3.out_channels == 16  # feeds the TT layer: kept whole
-    for name, value in model.classifier.fc1.state_dict().items():
-        assert torch.equal(pruned.classifier.fc1.state_dict()[name], value)
-    assert pruned(task.example(3)).shape == (3, 10)
