@@ -153,14 +153,8 @@ def _materialize_tt(model: nn.Module, mode: str, ctx: StageContext) -> tuple[nn.
     """Apply ``kdcompress.layers.tt.materialize`` when the model holds TT layers."""
     if not _has_tt(model):
         return model, []
-    try:
-        from kdcompress.layers.tt import materialize
-    except ImportError:
-        if mode != "factorized":
-            raise StageError(f"export_onnx: tt_export='{mode}' needs "
-                             "kdcompress.layers.tt.materialize, which this install lacks; use "
-                             "tt_export='factorized'") from None
-        return model, []
+    from kdcompress.layers.tt import materialize
+
     example = ctx.data.example(64).float()  # "auto" times each layer at a serving-size batch
     model, names = materialize(model, mode=mode, example_input=example, threads=1)
     return model.eval(), list(names)
@@ -220,17 +214,14 @@ def _op_counts(proto: Any) -> dict[str, int]:
 
 
 def _simplify(proto: Any, raw: Path, ctx: StageContext) -> tuple[Any, str]:
-    """Simplify with onnxslim if installed, else ORT's offline basic optimisation."""
+    """Simplify with onnxslim; if it fails on a graph, say so and use ORT's offline optimisation."""
+    import onnxslim
+
     try:
-        import onnxslim
-    except ImportError:
-        onnxslim = None
-    if onnxslim is not None:
-        try:
-            return onnxslim.slim(proto), "onnxslim"
-        except Exception as exc:  # a simplifier bug must not lose the export
-            ctx.warn(f"onnxslim failed ({type(exc).__name__}: {exc}); using ONNX Runtime's "
-                     "offline optimisation instead")
+        return onnxslim.slim(proto), "onnxslim"
+    except Exception as exc:  # a simplifier bug must not lose the export
+        ctx.warn(f"onnxslim failed ({type(exc).__name__}: {exc}); using ONNX Runtime's "
+                 "offline optimisation instead")
     return _ort_optimize(raw), "onnxruntime"
 
 
