@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="re-run only this stage (its inputs must be cached)")
     run.add_argument("--data", metavar="NAME[:DIR]",
                      help="replace the pipeline's data: digits, or mnist:DIR (IDX files)")
+    run.add_argument("--train-limit", type=int, metavar="N",
+                     help="train on the first N training samples only (quick runs on MNIST)")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default 1)")
     report = sub.add_parser("report", help="print a run's report again")
     report.add_argument("run_dir", help="a run folder holding report.json")
@@ -129,6 +131,9 @@ def _run(args: argparse.Namespace, console, err) -> int:
 
     pipeline = load_pipeline(args.file)
     task = data_module.get(args.data) if args.data else None
+    if args.train_limit is not None:
+        task = data_module.limit_train(task or pipeline.data or data_module.digits(),
+                                       args.train_limit)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, but got {args.threads}")
     try:

@@ -167,3 +167,10 @@ def test_swapped_data_gets_its_own_default_run_folder():
 
     assert default_run_dir("tt_distill_quant") == Path("runs") / "tt_distill_quant"
     assert default_run_dir("tt_distill_quant", "mnist") == Path("runs") / "tt_distill_quant-mnist"
+
+
+def test_bad_train_limit_is_a_usage_error(tmp_path):
+    code = main(["run", str(PIPELINES / "tiny.py"), "--out", str(tmp_path / "r"),
+                 "--train-limit", "0"])
+    assert code == 2
+    assert not (tmp_path / "r" / "stages").exists()

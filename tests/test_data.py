@@ -188,3 +188,15 @@ def test_get_by_name(tmp_path, digits_task):
     with pytest.raises(DataError, match="'digits' is bundled with scikit-learn and takes no "
                                         "folder"):
         data.get(f"digits:{tmp_path}")
+
+
+def test_limit_train_shortens_only_the_training_split():
+    task = data.digits()
+    small = data.limit_train(task, 100)
+    assert len(small.train) == 100 and len(small.test) == len(task.test)
+    assert len(small.val) == len(task.val)
+    assert torch.equal(small.arrays("train")[0], task.arrays("train")[0][:100])
+    assert small.name == "digits-100" and small.fingerprint != task.fingerprint
+    assert data.limit_train(task, 200).fingerprint != small.fingerprint
+    with pytest.raises(DataError, match="limit must be >= 1"):
+        data.limit_train(task, 0)
