@@ -188,11 +188,15 @@ class Scheduler:
         if self.only is not None:
             return [self.only]
         if self.until is not None:
-            import networkx as nx
-
-            keep = nx.ancestors(self.pipeline.graph(), self.until) | {self.until}
-            return [n for n in self.order if n in keep]
+            return self._upstream_of(self.until) + [self.until]
         return list(self.order)
+
+    def _upstream_of(self, name: str) -> list[str]:
+        """Every stage ``name`` depends on, directly or not, in execution order."""
+        import networkx as nx
+
+        ancestors = nx.ancestors(self.pipeline.graph(), name)
+        return [n for n in self.order if n in ancestors]
 
     def fingerprint(self, stage: Stage) -> str:
         """The content hash that decides whether ``stage`` can come from the cache."""
@@ -230,33 +234,33 @@ class Scheduler:
 
     def _load_inputs_of(self, stage: Stage) -> None:
         """For ``--only``: every ancestor must already be complete in the run folder."""
-        import networkx as nx
-
-        g = self.pipeline.graph()
-        for name in [n for n in self.order if n in nx.ancestors(g, stage.name)]:
-            ancestor = self.pipeline.stages[name]
-            fp = self.fingerprint(ancestor)
-            if not self._complete(name, fp):
+        for name in self._upstream_of(stage.name):
+            fp = self.fingerprint(self.pipeline.stages[name])
+            meta = self._meta(name, fp)
+            if meta is None:
                 raise PipelineError(f"--only {stage.name} needs '{name}', which is not in "
                                     f"{self.stage_dir} with the current settings; run the "
                                     f"pipeline with --until {name} first")
             self.fingerprints[name] = fp
-            self.artifacts[name] = self._load(name)
+            self.artifacts[name] = self._load(name, meta)
         if self.baseline in self.artifacts:
             self.baseline_predictions = self._predictions_of(self.baseline)
 
-    def _complete(self, name: str, fingerprint: str) -> bool:
-        meta = self.stage_dir / name / META_FILE
-        if not meta.is_file():
-            return False
+    def _meta(self, name: str, fingerprint: str | None = None) -> dict[str, Any] | None:
+        """The stage's ``meta.json`` when its folder is complete (and has ``fingerprint``)."""
+        path = self.stage_dir / name / META_FILE
+        if not path.is_file():
+            return None
         try:
-            return json.loads(meta.read_text()).get("fingerprint") == fingerprint
+            meta = json.loads(path.read_text())
         except ValueError:
-            return False
+            return None
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            return None
+        return meta
 
-    def _load(self, name: str) -> Any:
+    def _load(self, name: str, meta: dict[str, Any]) -> Any:
         folder = self.stage_dir / name
-        meta = json.loads((folder / META_FILE).read_text())
         if meta["format"] == "onnx":
             return OnnxModel(folder / meta["file"])
         return load_module(folder)
@@ -285,8 +289,8 @@ class Scheduler:
     def _run_stage(self, stage: Stage, *, force: bool) -> None:
         fp = self.fingerprint(stage)
         self.fingerprints[stage.name] = fp
-        cached = not self.fresh and not force and self._complete(stage.name, fp)
-        cached = distributed.all_gather(cached)[0]  # rank 0 decides for every process
+        meta = None if self.fresh or force else self._meta(stage.name, fp)
+        cached = distributed.all_gather(meta is not None)[0]  # rank 0 decides for every process
         runs_here = self.main or getattr(stage.fn, "distributed", False)
         self.progress.stage_started(stage.name, stage.fn.__name__, cached)
         started = time.perf_counter()
@@ -294,8 +298,8 @@ class Scheduler:
         row: dict[str, Any] = {}
         try:
             if cached:
-                artifact = self._load(stage.name)
-                meta = json.loads((self.stage_dir / stage.name / META_FILE).read_text())
+                meta = meta or self._meta(stage.name)  # another process: rank 0's folder
+                artifact = self._load(stage.name, meta)
             elif runs_here:
                 artifact, meta = self._execute(stage, fp)
             if self.main:
@@ -312,7 +316,8 @@ class Scheduler:
         if error is not None:
             self._fail(stage, error, time.perf_counter() - started)
         if not self.main:  # rank 0 has written the artifact: every process continues from it
-            self.artifacts[stage.name] = artifact if cached else self._load(stage.name)
+            self.artifacts[stage.name] = artifact if cached else self._load(
+                stage.name, self._meta(stage.name))
             return
         self.report.add(row)
         self.report.save(self.run_dir)
