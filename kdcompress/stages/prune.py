@@ -27,6 +27,7 @@ from torch import nn
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
 from kdcompress.errors import StageError, did_you_mean
+from kdcompress.losses.functional import kd_loss
 from kdcompress.training import accuracy, make_optimizer
 
 __all__ = ["prune", "IMPORTANCES", "channel_counts", "kd_recovery_loss"]
@@ -262,11 +263,9 @@ def _accumulate_gradients(model: nn.Module, ctx: StageContext) -> None:
 
 def kd_recovery_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      labels: torch.Tensor, temperature: float = _TEMPERATURE) -> torch.Tensor:
-    """Hinton's KD loss ``T^2 * KL(softmax(t/T) || softmax(s/T))`` plus cross-entropy."""
-    t = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t,
-                  dim=1), reduction="batchmean", log_target=True) * t * t
-    return kd + F.cross_entropy(student_logits, labels)
+    """Hinton's KD loss (:func:`kdcompress.losses.functional.kd_loss`) plus cross-entropy."""
+    return kd_loss(student_logits, teacher_logits, temperature) + F.cross_entropy(student_logits,
+                                                                                   labels)
 
 
 def _recover(model: nn.Module, teacher: nn.Module, ctx: StageContext, epochs: int,
