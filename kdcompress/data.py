@@ -62,6 +62,11 @@ class Task:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                           drop_last=drop_last)
 
+    @property
+    def eval_split(self) -> str:
+        """The split training stages score themselves on: ``"val"``, or ``"train"`` without one."""
+        return "val" if self.val is not None else "train"
+
     def split(self, split: str) -> Dataset:
         """Return the data set of ``"train"``, ``"val"`` or ``"test"``."""
         if split not in ("train", "val", "test"):

@@ -294,7 +294,7 @@ class _Run:
             if self._use_cache(ema_decay) else None
         optimizer = scheduler = None
         steps = 0
-        split = "val" if ctx.data.val is not None else "train"
+        split = ctx.data.eval_split
         net = distributed.wrap(student, ctx.device)  # the hooks stay on the inner student
         for epoch in range(self.epochs):
             net.train()

@@ -124,7 +124,7 @@ def prune(
             _recover(model, teacher, ctx, recovery_epochs, step)
         entry = {"step": step + 1, "params": sum(p.numel() for p in model.parameters())}
         if iterative_steps > 1 or recovery_epochs:
-            entry["val_acc"] = round(accuracy(model, ctx.data, _val_split(ctx.data)), 4)
+            entry["val_acc"] = round(accuracy(model, ctx.data, ctx.data.eval_split), 4)
         history.append(entry)
         log.info("prune step %d/%d: %s", step + 1, iterative_steps, entry)
 
@@ -244,10 +244,6 @@ def _tt_support(model: nn.Module) -> Iterator[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------
 # gradients for Taylor importance, and the KD recovery phase
-
-
-def _val_split(task: Task) -> str:
-    return "val" if task.val is not None else "train"
 
 
 def _accumulate_gradients(model: nn.Module, ctx: StageContext) -> None:

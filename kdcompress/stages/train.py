@@ -59,7 +59,7 @@ def train(
     steps = len(distributed.sharded_loader(train_set, batch_size=batch_size, seed=ctx.seed))
     optimizer, scheduler = make_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay,
                                           epochs=epochs, steps_per_epoch=steps)
-    split = "val" if ctx.data.val is not None else "train"
+    split = ctx.data.eval_split
     for epoch in range(epochs):
         net.train()
         total, count = 0.0, 0
