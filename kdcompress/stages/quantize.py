@@ -397,21 +397,21 @@ def _side_by_side(models: list[OnnxModel], x: np.ndarray, budget_s: float) -> li
 def _check_speed(fp32: OnnxModel, int8: OnnxModel, ctx: StageContext) -> None:
     """Time both graphs (batch 64, one thread, about a second); warn when int8 is not faster.
 
-    Records ``slow_reason`` (read by the report when its own measurement finds int8 slower) unless
-    int8 was clearly faster here, in which case the same observations go to ``int8_notes``.
+    Records the likely reasons int8 would be slow here as ``slow_reason``, which the report shows
+    whenever its own measurement finds int8 no faster than its parent.
     """
-    reasons = "; ".join(slow_int8_reasons(fp32, int8))
     x = ctx.data.calibration(_CALIBRATION_BATCH, seed=ctx.seed).float().numpy()
     try:
         t32, t8 = _side_by_side([fp32, int8], x, 1.0)
     except Exception as exc:  # timing is advice; never fail the stage over it
         log.info("int8 speed check skipped: %s", exc)
-        ctx.record("slow_reason", reasons)
+        t32 = t8 = None
+    reasons = slow_int8_reasons(fp32, int8, fp32_latency=t32)
+    if reasons:
+        ctx.record("slow_reason", "; ".join(reasons))
+    if t32 is None or t8 is None:
         return
     ctx.record("speedup_batch64_1thread", round(t32 / t8, 3))
     message = explain_slow_int8(fp32, int8, fp32_latency=t32, int8_latency=t8)
     if message:
-        ctx.record("slow_reason", message.split("Likely: ", 1)[1])
         ctx.warn(message)
-    elif reasons:
-        ctx.record("int8_notes", reasons)
