@@ -33,8 +33,6 @@ __all__ = [
     "module_spec",
     "build_module",
     "num_params",
-    "is_onnx",
-    "folder_size",
 ]
 
 WEIGHTS_FILE = "weights.pt"
@@ -176,16 +174,6 @@ def num_params(model: nn.Module | OnnxModel) -> int:
     if isinstance(model, OnnxModel):
         return model.num_params
     return sum(p.numel() for p in model.parameters())
-
-
-def is_onnx(model: Any) -> bool:
-    """Whether ``model`` is an ONNX artifact."""
-    return isinstance(model, OnnxModel)
-
-
-def folder_size(folder: str | os.PathLike) -> int:
-    """Bytes on disk of every file in a folder."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 # ----------------------------------------------------------------------------------------------

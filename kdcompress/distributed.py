@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "barrier",
-           "all_gather", "wrap", "unwrap", "sharded_loader", "average_gradients",
+           "all_gather", "wrap", "sharded_loader", "average_gradients",
            "data_parallel"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -95,11 +95,6 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper."""
-    return model.module if hasattr(model, "module") and is_distributed() else model
 
 
 def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int,
