@@ -177,8 +177,6 @@ def _report(args: argparse.Namespace, console) -> int:
 def _graph(args: argparse.Namespace, console) -> int:
     import networkx as nx
 
-    from kdcompress.scheduler import fingerprint_constant
-
     pipeline = load_pipeline(args.file)
     g = pipeline.graph()
     console.print(f"[bold]{pipeline.name}[/] ({len(g)} stages)")
@@ -191,7 +189,6 @@ def _graph(args: argparse.Namespace, console) -> int:
         args_text += [f"{k}={_short(v)}" for k, v in stage.constants.items()]
         console.print(f"{name} = {stage.fn.__name__}({', '.join(args_text)})", markup=False,
                       highlight=False)
-        fingerprint_constant(stage.constants, f"stage '{name}'")
     if args.image:
         _draw(g, args.image)
         console.print(f"DAG drawn in {args.image}")
