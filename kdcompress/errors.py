@@ -16,6 +16,9 @@ __all__ = [
     "ArtifactError",
     "LayerError",
     "LossError",
+    "DivergedError",
+    "StoreError",
+    "UsageError",
     "did_you_mean",
 ]
 
@@ -46,6 +49,18 @@ class LayerError(KDCompressError):
 
 class LossError(KDCompressError):
     """A distillation loss is misconfigured or given incompatible tensors."""
+
+
+class DivergedError(StageError):
+    """Training produced a non-finite loss; the stage stops and nothing of it is cached."""
+
+
+class StoreError(KDCompressError):
+    """The run folder cannot be used: it is locked by another run, unwritable or full."""
+
+
+class UsageError(KDCompressError):
+    """Bad command-line usage or pipeline file (exit code 2)."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
