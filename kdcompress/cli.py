@@ -1,7 +1,8 @@
-"""The ``kdcompress`` command: ``run`` a pipeline file, re-print a ``report``, show a ``graph``.
+"""The kdcompress command: run a pipeline file, re-print a report, show a graph.
 
-Exit codes: 0 success; 1 a stage failed (the report up to it is written and names it);
-2 bad usage or a bad pipeline file (detected before any stage runs).
+Exit codes: 0 success; 1 a stage failed (the report up to it is written and names it) or the
+run folder cannot be written; 2 bad usage, a bad pipeline file or bad data (detected before any
+stage runs), or a run folder locked by another run with --no-wait; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ import sys
 import traceback
 from pathlib import Path
 
-from kdcompress.errors import KDCompressError, PipelineError
+import kdcompress
+from kdcompress.errors import KDCompressError, RunFolderLocked, StoreError, UsageError
 
 __all__ = ["main", "load_pipeline"]
 
-EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(KDCompressError):
-    """Bad command-line usage or pipeline file: exit code 2."""
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def load_pipeline(path: str | Path):  # -> Pipeline
@@ -44,6 +42,9 @@ def load_pipeline(path: str | Path):  # -> Pipeline
         raise UsageError(f"{path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    from kdcompress.runner import seed_everything
+
+    seed_everything(0)  # models built before Pipeline(seed=...) reseeds are the same every run
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
@@ -69,7 +70,10 @@ def load_pipeline(path: str | Path):  # -> Pipeline
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdcompress", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kdcompress", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--version", action="version",
+                        version=f"kdcompress {kdcompress.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline file")
@@ -86,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--train-limit", type=int, metavar="N",
                      help="train on the first N training samples only (quick runs on MNIST)")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default 1)")
+    run.add_argument("--no-wait", action="store_true",
+                     help="exit (code 2) instead of waiting when another run holds the run folder")
     report = sub.add_parser("report", help="print a run's report again")
     report.add_argument("run_dir", help="a run folder holding report.json")
     report.add_argument("--markdown", action="store_true", help="print report.md instead")
@@ -113,21 +119,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args, console)
         return _graph(args, console)
-    except (UsageError, PipelineError) as exc:
+    except RunFolderLocked as exc:
         err.print(f"[red bold]error:[/] {exc}", highlight=False)
         return EXIT_USAGE
+    except StoreError as exc:
+        err.print(f"[red bold]error:[/] {exc}", highlight=False)
+        return EXIT_STAGE_FAILED
     except KDCompressError as exc:
         err.print(f"[red bold]error:[/] {exc}", highlight=False)
         return EXIT_USAGE
+    except OSError as exc:  # the file system failed outside a stage (report folder, disk full)
+        err.print(f"[red bold]error:[/] {exc.filename or ''}: {exc.strerror or exc}",
+                  highlight=False)
+        return EXIT_STAGE_FAILED
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: completed stages are kept; run again to resume")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace, console, err) -> int:
     from kdcompress import data as data_module
+    from kdcompress import distributed
+    from kdcompress.errors import RunFailed
+    from kdcompress.options import RunOptions
     from kdcompress.progress import RichProgress
-    from kdcompress.scheduler import RunFailed, default_run_dir
 
     pipeline = load_pipeline(args.file)
     task = data_module.get(args.data) if args.data else None
@@ -136,26 +151,22 @@ def _run(args: argparse.Namespace, console, err) -> int:
                                        args.train_limit)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, but got {args.threads}")
+    options = RunOptions(out=args.out, device=args.device, fresh=args.fresh, until=args.until,
+                         only=args.only, data=task, threads=args.threads,
+                         wait=not args.no_wait)
+    out = options.run_dir(pipeline.name)
     try:
-        report = pipeline.run(out=args.out, device=args.device, fresh=args.fresh,
-                              until=args.until, only=args.only, data=task, threads=args.threads,
-                              console=RichProgress(console))
+        pipeline.run(options, progress=RichProgress(console))
     except RunFailed as exc:
-        from kdcompress import distributed
-
         if not distributed.is_main():
             return EXIT_STAGE_FAILED
         err.print(f"[red bold]failed:[/] {exc}", highlight=False)
-        out = args.out or default_run_dir(pipeline.name, task.name if task else None)
         err.print(f"the report up to '{exc.stage}' is in {out}/report.md; completed stages are "
-                  "cached, fix the stage and run again to resume")
+                  "cached, fix the stage and run again to resume", highlight=False)
         return EXIT_STAGE_FAILED
-    from kdcompress import distributed
-
     if distributed.is_main():
-        out = args.out or default_run_dir(pipeline.name, task.name if task else None)
-        console.print(f"report: {out}/report.md, {out}/report.json, {out}/report.png")
-    del report
+        console.print(f"report: {out}/report.md, {out}/report.json, {out}/report.png",
+                      highlight=False)
     return EXIT_OK
 
 
@@ -169,8 +180,8 @@ def _report(args: argparse.Namespace, console) -> int:
         return EXIT_OK
     console.print(render_table(report))
     for r in report.stages:
-        for flag in r.get("flags", []):
-            console.print(f"[yellow]note[/] {r['name']}: {flag}")
+        for flag in r.flags:
+            console.print(f"[yellow]note[/] {r.name}: {flag}", highlight=False)
     return EXIT_STAGE_FAILED if report.failed else EXIT_OK
 
 

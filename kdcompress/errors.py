@@ -18,6 +18,8 @@ __all__ = [
     "LossError",
     "DivergedError",
     "StoreError",
+    "RunFolderLocked",
+    "RunFailed",
     "UsageError",
     "did_you_mean",
 ]
@@ -57,6 +59,19 @@ class DivergedError(StageError):
 
 class StoreError(KDCompressError):
     """The run folder cannot be used: it is locked by another run, unwritable or full."""
+
+
+class RunFolderLocked(StoreError):
+    """Another live run holds the run folder's lock (and this run was told not to wait)."""
+
+
+class RunFailed(StageError):
+    """A stage of a run failed; ``report`` holds the rows up to it and the failure."""
+
+    def __init__(self, message: str, stage: str, report: object) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.report = report
 
 
 class UsageError(KDCompressError):

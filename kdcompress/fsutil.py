@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path", "strict_json"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -41,3 +43,22 @@ def atomic_path(path: str | os.PathLike) -> Path:
     """A temporary path beside ``path`` for tools that write files themselves (then os.replace)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None``: JSON without bare ``NaN``.
+
+    >>> strict_json({"loss": float("nan"), "acc": [0.5, float("inf")]})
+    {'loss': None, 'acc': [0.5, None]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return strict_json(value.item())
+    return str(value)

@@ -7,8 +7,10 @@ and the row names the engine.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from kdcompress.artifacts import RECIPE_FILE, WEIGHTS_FILE, OnnxModel, num_param
 from kdcompress.data import Task
 from kdcompress.training import predict_logits
 
-__all__ = ["MeasureConfig", "measure", "latency", "predict", "count_macs", "time_call"]
+__all__ = ["MeasureConfig", "measure", "latency", "latency_against", "predict", "count_macs",
+           "time_call", "time_calls"]
 
 
 @dataclass(frozen=True)
@@ -70,46 +73,109 @@ def _batch(x: torch.Tensor, n: int) -> torch.Tensor:
 def time_call(fn: Callable[[], Any], config: MeasureConfig | None = None,
               sync: Callable[[], None] = lambda: None) -> dict:
     """Time ``fn()`` after warm-up: ``{"p50", "p90"}`` in milliseconds and the number of runs."""
+    return time_calls([fn], config, sync)[0]
+
+
+def time_calls(fns: list[Callable[[], Any]], config: MeasureConfig | None = None,
+               sync: Callable[[], None] = lambda: None) -> list[dict]:
+    """Time several callables interleaved (one run of each in turn), after warm-up.
+
+    Interleaving exposes every callable to the same machine state, so ratios between them hold
+    even when the load changes while timing. Returns one ``{"p50", "p90", "runs"}`` per callable.
+    """
     config = config or MeasureConfig()
-    for _ in range(config.warmup):
-        fn()
+    for fn in fns:
+        for _ in range(config.warmup):
+            fn()
     sync()
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < config.repeats or (
-            time.perf_counter() - start < config.min_seconds and len(times) < config.max_repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"p50": round(float(np.percentile(times, 50)), 4),
-            "p90": round(float(np.percentile(times, 90)), 4), "runs": len(times)}
+    while len(times[0]) < config.repeats or (
+            time.perf_counter() - start < config.min_seconds * len(fns)
+            and len(times[0]) < config.max_repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            bucket.append((time.perf_counter() - t0) * 1e3)
+    return [{"p50": round(float(np.percentile(t, 50)), 4),
+             "p90": round(float(np.percentile(t, 90)), 4), "runs": len(t)} for t in times]
 
 
-def latency(model: nn.Module | OnnxModel, x: torch.Tensor, config: MeasureConfig,
-            device: str = "cpu") -> dict[str, dict]:
-    """Latency in ms per batch size: ``{"batch_1": {"p50", "p90", "runs"}, ...}``."""
-    out: dict[str, dict] = {}
+@contextlib.contextmanager
+def _calls(model: nn.Module | OnnxModel, x: torch.Tensor, config: MeasureConfig,
+           device: str = "cpu") -> Iterator[tuple[dict[str, Callable[[], Any]], Callable]]:
+    """One zero-argument inference call per batch size, with the thread count set while open."""
     if isinstance(model, OnnxModel):
         session = model.session(device, config.threads)
         name = session.get_inputs()[0].name
-        for b in config.batch_sizes:
-            feed = {name: _batch(x, b).numpy()}
-            out[f"batch_{b}"] = time_call(lambda feed=feed: session.run(None, feed), config)
-        return out
+        feeds = {f"batch_{b}": {name: _batch(x, b).numpy()} for b in config.batch_sizes}
+        yield ({k: (lambda feed=feed: session.run(None, feed)) for k, feed in feeds.items()},
+               lambda: None)
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         model = model.to(device).eval()
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         with torch.inference_mode():
-            for b in config.batch_sizes:
-                xb = _batch(x, b).to(device)
-                out[f"batch_{b}"] = time_call(lambda xb=xb: model(xb), config, sync)
+            batches = {f"batch_{b}": _batch(x, b).to(device) for b in config.batch_sizes}
+            yield {k: (lambda xb=xb: model(xb)) for k, xb in batches.items()}, sync
     finally:
         torch.set_num_threads(previous)
         model.to("cpu")
-    return out
+
+
+def latency(model: nn.Module | OnnxModel, x: torch.Tensor, config: MeasureConfig,
+            device: str = "cpu") -> dict[str, dict]:
+    """Latency in ms per batch size: ``{"batch_1": {"p50", "p90", "runs"}, ...}``."""
+    with _calls(model, x, config, device) as (calls, sync):
+        return {k: time_call(fn, config, sync) for k, fn in calls.items()}
+
+
+def latency_against(model: nn.Module | OnnxModel, reference: nn.Module | OnnxModel,
+                    x: torch.Tensor, config: MeasureConfig) -> tuple[dict, dict, dict]:
+    """Time ``model`` and ``reference`` interleaved on the CPU.
+
+    Returns ``(latency of model, latency of reference, timing)`` where ``timing`` holds the
+    machine's load average before and after and ``flags`` when the ratio cannot be trusted: a
+    p90/p50 spread above :data:`SPREAD_LIMIT` for either model, or a load average above the
+    number of CPU cores while timing.
+    """
+    load_before = _load()
+    mine: dict[str, dict] = {}
+    theirs: dict[str, dict] = {}
+    with _calls(model, x, config) as (calls, sync), _calls(reference, x, config) as (rcalls, _):
+        for key, fn in calls.items():
+            mine[key], theirs[key] = time_calls([fn, rcalls[key]], config, sync)
+    load_after = _load()
+    flags = []
+    for key in mine:
+        spread = max(mine[key]["p90"] / max(mine[key]["p50"], 1e-9),
+                     theirs[key]["p90"] / max(theirs[key]["p50"], 1e-9))
+        if spread > SPREAD_LIMIT:
+            flags.append(f"latency ratio at {key.replace('_', ' ')} is unreliable: p90/p50 "
+                         f"spread {spread:.2f} (noisy timings; measure on a quiet machine)")
+    cores = os.cpu_count() or 1
+    load = max(v for v in (load_before, load_after) if v is not None) \
+        if load_before is not None else None
+    if load is not None and load > cores:
+        flags.append(f"latency ratios are unreliable: load average {load:.1f} on {cores} cores "
+                     "while timing")
+    timing = {"baseline_latency_ms": theirs, "load_before": load_before,
+              "load_after": load_after, "flags": flags}
+    return mine, theirs, timing
+
+
+#: p90/p50 above this marks a timing as too noisy to compare.
+SPREAD_LIMIT = 1.5
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
@@ -137,7 +203,8 @@ def _torch_size(folder: Path | None, model: nn.Module) -> int:
 
 
 def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig | None = None,
-            folder: Path | None = None, reference: torch.Tensor | None = None) -> dict[str, Any]:
+            folder: Path | None = None, reference: torch.Tensor | None = None,
+            baseline: nn.Module | OnnxModel | None = None) -> dict[str, Any]:
     """Measure one artifact: params, size on disk, MACs, latency, accuracy, agreement.
 
     Parameters
@@ -145,26 +212,47 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
     model : nn.Module or OnnxModel
         The artifact.
     task : Task
-        Its data: test inputs are timed and scored.
+        Its data: test inputs are timed; the validation split (when there is one) and the test
+        split are scored.
     folder : Path, optional
         Where a torch artifact is saved (its size on disk); ONNX sizes come from the file.
     reference : Tensor, optional
         The baseline's predicted classes on the test split, for ``agreement``.
+    baseline : nn.Module or OnnxModel, optional
+        Timed interleaved with ``model``: the row then holds ``faster_by`` from that pairing and
+        ``timing`` (load average, reliability flags).
+
+    Returns
+    -------
+    dict
+        ``params``, ``size_bytes``, ``macs``, ``latency_ms``, ``engine``, ``accuracy``,
+        ``val_accuracy``, ``agreement`` (and ``faster_by``, ``timing`` with a baseline,
+        ``latency_ms_cuda`` when CUDA is measured).
     """
     config = config or MeasureConfig()
     x, y = task.arrays("test")
     onnx = isinstance(model, OnnxModel)
     preds = predict(model, x).argmax(1)
+    val_accuracy = None
+    if task.val is not None:
+        xv, yv = task.arrays("val")
+        val_accuracy = round(float((predict(model, xv).argmax(1) == yv).float().mean()), 6)
     row: dict[str, Any] = {
         "params": num_params(model),
         "size_bytes": model.size_bytes if onnx else _torch_size(folder, model),
         "macs": None if onnx else count_macs(model, x[:1]),
-        "latency_ms": latency(model, x, config),
         "engine": "onnxruntime" if onnx else "torch",
         "accuracy": round(float((preds == y).float().mean()), 6),
+        "val_accuracy": val_accuracy,
         "agreement": None if reference is None
         else round(float((preds == reference).float().mean()), 6),
     }
-    if config.cuda:
-        row["latency_ms_cuda"] = latency(model, x, config, device="cuda") if not onnx else None
+    if baseline is None:
+        row["latency_ms"] = latency(model, x, config)
+    else:
+        row["latency_ms"], base, row["timing"] = latency_against(model, baseline, x, config)
+        row["faster_by"] = {k: round(base[k]["p50"] / v["p50"], 3) if v["p50"] > 0 else None
+                            for k, v in row["latency_ms"].items()}
+    if config.cuda and not onnx:
+        row["latency_ms_cuda"] = latency(model, x, config, device="cuda")
     return row

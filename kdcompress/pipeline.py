@@ -21,7 +21,6 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -29,7 +28,14 @@ from torch import nn
 
 from kdcompress.artifacts import OnnxModel
 from kdcompress.data import Task
+from kdcompress.declare import check_arguments
 from kdcompress.errors import PipelineError, did_you_mean
+from kdcompress.fingerprint import fingerprint_constant
+
+if typing.TYPE_CHECKING:
+    from kdcompress.options import RunOptions
+    from kdcompress.progress import Progress
+    from kdcompress.report import Report
 
 __all__ = ["Pipeline", "Handle", "Stage"]
 
@@ -127,6 +133,7 @@ class Pipeline:
         self.name = name
         self.data = data
         self.seed = seed
+        _seed_globals(seed)
         self.baseline = baseline
         self.stages: dict[str, Stage] = {}
 
@@ -188,8 +195,7 @@ class Pipeline:
                 inputs[key] = list(handles) if isinstance(value, (list, tuple)) else value
             else:
                 constants[key] = value
-        from kdcompress.scheduler import fingerprint_constant
-
+        check_arguments(fn, constants, label)
         for key, value in constants.items():
             fingerprint_constant(value, f"{label}, {key}=")
         self.stages[out] = Stage(out, fn, inputs, constants, len(self.stages))
@@ -261,39 +267,41 @@ class Pipeline:
         """The stage every other one is compared with."""
         return self.baseline or self.order()[0]
 
-    def run(self, *, out: str | Path | None = None, device: str = "cpu", fresh: bool = False,
-            until: str | None = None, only: str | None = None, data: Task | None = None,
-            threads: int = 1, measure: Any = None, console: Any = None) -> Any:
+    def run(self, options: RunOptions | None = None, *, progress: Progress | None = None,
+            **overrides: Any) -> Report:
         """Run the pipeline; return its :class:`~kdcompress.report.Report`.
 
         Parameters
         ----------
-        out : path, optional
-            Run folder; ``runs/<name>`` by default, ``runs/<name>-<data name>`` when ``data``
-            replaces the pipeline's data.
-        device : {"cpu", "cuda"}
-            Where training happens; latency is measured on the CPU, and on CUDA when used.
-        fresh : bool
-            Ignore cached stages and recompute everything.
-        until : str, optional
-            Stop after this stage (and what it needs).
-        only : str, optional
-            Re-run just this stage; its inputs must already be in the run folder.
-        data : Task, optional
-            Replaces the pipeline's data for this run.
-        threads : int
-            CPU threads used when measuring latency.
-        measure : kdcompress.metrics.MeasureConfig, optional
-            Measurement settings (repeats, batch sizes); ``threads`` is used when not given.
-        console : kdcompress.progress.Progress, optional
-            Receives progress events; ``RichProgress()`` draws the table in the terminal.
+        options : RunOptions, optional
+            How to run (run folder, device, cache, partial runs, measurement).
+        progress : Progress, optional
+            Receives the run's events; ``RichProgress()`` draws the table in the terminal.
+        **overrides
+            Fields of :class:`~kdcompress.options.RunOptions` replacing those of ``options``:
+            ``pipeline.run(out="runs/x", fresh=True)``.
 
         Raises
         ------
-        kdcompress.scheduler.RunFailed
+        kdcompress.errors.RunFailed
             A stage failed; the report up to it is written and names it.
         """
-        from kdcompress.scheduler import Scheduler
+        import dataclasses
 
-        return Scheduler(self, out=out, device=device, fresh=fresh, until=until, only=only,
-                         data=data, threads=threads, measure=measure, console=console).run()
+        from kdcompress.options import RunOptions
+        from kdcompress.runner import run
+
+        return run(self, dataclasses.replace(options or RunOptions(), **overrides), progress)
+
+
+def _seed_globals(seed: int) -> None:
+    """Seed the global generators, so models a pipeline file builds after ``Pipeline(...)``
+    (``MyNet()``) start from the same weights on every run and their stages stay cached."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,17 +1,22 @@
-"""What the terminal shows while a pipeline runs: a growing table and a progress bar.
+"""The runner's events and the terminal that shows them: a growing table and a progress bar.
 
-The scheduler reports events to a :class:`Progress`; :class:`RichProgress` draws them with rich,
-:class:`NullProgress` only logs (library use, tests).
+The runner reports events to a list of observers, each a :class:`Progress`: measuring
+(:class:`kdcompress.observers.Measurer`) fills the stage's row, the report files
+(:class:`kdcompress.observers.ReportFiles`) are rewritten, then the terminal draws it
+(:class:`RichProgress` with rich; :class:`NullProgress` only logs, for library use and tests).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kdcompress.context import ProgressFn
+from kdcompress.report import Report, StageRow
 
-__all__ = ["Progress", "NullProgress", "RichProgress", "make_console"]
+__all__ = ["Progress", "StageFinished", "NullProgress", "RichProgress", "make_console"]
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +31,42 @@ def make_console(**kwargs: Any) -> Any:
     return console
 
 
+@dataclass
+class StageFinished:
+    """A stage completed (or was loaded from the cache) with ``artifact``.
+
+    Attributes
+    ----------
+    name, function, inputs, role : str, str, list of str, str
+        The stage as declared.
+    artifact : nn.Module or OnnxModel
+        What it produced, as it lives in the run folder.
+    folder : Path
+        Its folder in the run folder.
+    meta : dict
+        Its ``meta.json`` (seconds, details, warnings).
+    cached : bool
+        Loaded from the run folder instead of run.
+    report : Report
+        The run's report, which observers earlier in the list may have updated.
+    row : StageRow, optional
+        The measured row, once the measuring observer has seen the event.
+    """
+
+    name: str
+    function: str
+    inputs: list[str]
+    role: str
+    artifact: Any
+    folder: Path
+    meta: dict[str, Any]
+    cached: bool
+    report: Report
+    row: StageRow | None = field(default=None)
+
+
 class Progress:
-    """Receives the scheduler's events; every method is optional to override."""
+    """Receives the runner's events; every method is optional to override."""
 
     def start(self, pipeline: str, planned: list[str]) -> None:
         """The run starts with these stages."""
@@ -39,11 +78,11 @@ class Progress:
         """A function the stage calls after each epoch, or ``None``."""
         return None
 
-    def stage_finished(self, row: dict[str, Any], report: Any) -> None:
-        """A stage completed and was measured."""
+    def stage_finished(self, event: StageFinished) -> None:
+        """A stage completed (``event.row`` is set once measured)."""
 
-    def stage_failed(self, name: str, message: str) -> None:
-        """A stage raised."""
+    def stage_failed(self, name: str, message: str, report: Report) -> None:
+        """A stage raised; ``report`` records the failure."""
 
     def warn(self, name: str, message: str) -> None:
         """A stage left a warning."""
@@ -55,8 +94,10 @@ class Progress:
 class NullProgress(Progress):
     """Logs events through :mod:`logging` and draws nothing."""
 
-    def stage_finished(self, row: dict[str, Any], report: Any) -> None:
-        log.info("%s: accuracy %.4f, %d bytes", row["name"], row["accuracy"], row["size_bytes"])
+    def stage_finished(self, event: StageFinished) -> None:
+        if event.row is not None:
+            log.info("%s: accuracy %.4f, %d bytes", event.name, event.row.accuracy,
+                     event.row.size_bytes)
 
     def warn(self, name: str, message: str) -> None:
         log.warning("%s: %s", name, message)
@@ -125,19 +166,22 @@ class RichProgress(Progress):
 
         return update
 
-    def stage_finished(self, row: dict[str, Any], report: Any) -> None:
-        self.report = report
+    def stage_finished(self, event: StageFinished) -> None:
+        self.report = event.report
+        row = event.row
+        if row is None:
+            return
         if self.live is None:
-            lat = row["latency_ms"].get("batch_64", {}).get("p50")
+            lat = (row.batch_latency() or {}).get("p50")
             self.console.print(
-                f"[green]done[/] {row['name']}: {row['params']} params, {row['size_bytes']} "
-                f"bytes, b64 {lat} ms, accuracy {100 * row['accuracy']:.2f}%"
-                + (" (cached)" if row["cached"] else ""))
-        for flag in row.get("flags", []):
-            self.console.print(f"[yellow]note[/] {row['name']}: {flag}")
+                f"[green]done[/] {row.name}: {row.params} params, {row.size_bytes} "
+                f"bytes, b64 {lat} ms, accuracy {100 * row.accuracy:.2f}%"
+                + (" (cached)" if row.cached else ""), highlight=False)
+        for flag in row.flags:
+            self.console.print(f"[yellow]note[/] {row.name}: {flag}", highlight=False)
         self._refresh()
 
-    def stage_failed(self, name: str, message: str) -> None:
+    def stage_failed(self, name: str, message: str, report: Report) -> None:
         self.console.print(f"[red bold]stage '{name}' failed:[/] {message}")
 
     def warn(self, name: str, message: str) -> None:

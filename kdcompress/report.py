@@ -9,14 +9,14 @@ stage whose size on disk did not drop, an int8 model no faster than its fp32 par
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from kdcompress.errors import KDCompressError
-from kdcompress.fsutil import atomic_path, atomic_write_text
+from kdcompress.fsutil import atomic_path, atomic_write_text, strict_json
 
-__all__ = ["Report", "load_report", "render_table", "format_bytes"]
+__all__ = ["Report", "StageRow", "load_report", "render_table", "format_bytes"]
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
@@ -50,6 +50,60 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 @dataclass
+class StageRow:
+    """One stage's measurements, as one entry of ``report.json``'s ``stages``.
+
+    ``latency_ms`` maps ``"batch_1"`` / ``"batch_64"`` to ``{"p50", "p90", "runs"}`` in
+    milliseconds; ``smaller_by`` and ``faster_by`` are ratios to the baseline (the latter timed
+    interleaved with it); ``val_accuracy`` is on the validation split (what automatic choices
+    use), ``accuracy`` on the test split (reported only).
+    """
+
+    name: str
+    function: str
+    inputs: list[str]
+    format: str
+    params: int
+    size_bytes: int
+    macs: int | None
+    latency_ms: dict[str, dict[str, float]]
+    engine: str
+    accuracy: float
+    agreement: float | None = None
+    val_accuracy: float | None = None
+    seconds: float = 0.0
+    cached: bool = False
+    role: str = "transform"
+    smaller_by: float | None = None
+    faster_by: dict[str, float | None] | None = None
+    flags: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    timing: dict[str, Any] = field(default_factory=dict)
+    latency_ms_cuda: dict[str, dict[str, float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as ``report.json`` stores it (``latency_ms_cuda`` only when measured)."""
+        d = asdict(self)
+        if d["latency_ms_cuda"] is None:
+            del d["latency_ms_cuda"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageRow:
+        """Rebuild a row from ``report.json``; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TypeError(f"unknown stage fields {sorted(unknown)}")
+        return cls(**d)
+
+    def batch_latency(self) -> dict[str, float] | None:
+        """Latency at the largest batch timed (``batch_64`` when there is one)."""
+        return self.latency_ms.get("batch_64", self.latency_ms.get("batch_1"))
+
+
+@dataclass
 class Report:
     """What a run measured, stage by stage, in execution order."""
 
@@ -60,26 +114,33 @@ class Report:
     threads: int = 1
     baseline: str | None = None
     edges: list[list[str]] = field(default_factory=list)
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageRow] = field(default_factory=list)
     failed: dict[str, Any] | None = None
 
-    def row(self, name: str) -> dict[str, Any] | None:
+    def row(self, name: str) -> StageRow | None:
         """The row of stage ``name``, if it ran."""
-        return next((r for r in self.stages if r["name"] == name), None)
+        return next((r for r in self.stages if r.name == name), None)
 
-    def add(self, row: dict[str, Any]) -> None:
-        """Append a stage's measurements, adding its ratios to the baseline and its flags."""
-        base = self.row(self.baseline) if self.baseline != row["name"] else row
-        lat = row["latency_ms"]
+    def add(self, row: StageRow, *, order: list[str] | None = None) -> None:
+        """Add a stage's measurements with its ratios to the baseline and its flags.
+
+        A row for the same stage replaces the old one; with ``order`` (the pipeline's stage
+        order) rows are kept in that order, so a partial run updates the report in place.
+        """
+        base = self.row(self.baseline) if self.baseline != row.name else row
         if base is not None:
-            blat = base["latency_ms"]
-            row["smaller_by"] = _ratio(base["size_bytes"], row["size_bytes"])
-            row["faster_by"] = {k: _ratio(blat[k]["p50"], lat[k]["p50"]) for k in lat if k in blat}
-        else:
-            row["smaller_by"], row["faster_by"] = None, None
-        parent = self.row(row["inputs"][0]) if row["inputs"] else None
-        row["flags"] = _flags(row, parent)
-        self.stages = [r for r in self.stages if r["name"] != row["name"]] + [row]
+            row.smaller_by = _ratio(base.size_bytes, row.size_bytes)
+            if row.faster_by is None:
+                blat = base.latency_ms
+                row.faster_by = {k: _ratio(blat[k]["p50"], v["p50"])
+                                 for k, v in row.latency_ms.items() if k in blat}
+        parent = self.row(row.inputs[0]) if row.inputs else None
+        row.flags = _flags(row, parent)
+        rows = [r for r in self.stages if r.name != row.name] + [row]
+        if order is not None:
+            rank = {name: i for i, name in enumerate(order)}
+            rows.sort(key=lambda r: rank.get(r.name, len(rank)))
+        self.stages = rows
 
     def fail(self, name: str, function: str, message: str, seconds: float) -> None:
         """Record the stage that failed and why."""
@@ -88,18 +149,21 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``report.json`` document."""
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["stages"] = [r.to_dict() for r in self.stages]
+        return d
 
     # -- files ------------------------------------------------------------------------------
 
-    def save(self, run_dir: str | Path) -> None:
-        """Write ``report.json``, ``report.md`` and ``report.png`` into ``run_dir`` atomically."""
+    def save(self, run_dir: str | Path, *, plot_png: bool = True) -> None:
+        """Write ``report.json``, ``report.md`` and (with ``plot_png``) ``report.png`` atomically.
+        """
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / REPORT_JSON, json.dumps(self.to_dict(), indent=1,
-                                                            default=str))
+        atomic_write_text(run_dir / REPORT_JSON, json.dumps(strict_json(self.to_dict()),
+                                                            indent=1, allow_nan=False))
         atomic_write_text(run_dir / REPORT_MD, self.markdown())
-        if self.stages:
+        if plot_png and self.stages:
             plot(self, run_dir / REPORT_PNG)
 
     def markdown(self) -> str:
@@ -113,69 +177,91 @@ class Report:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
         lines.append("Latency in ms, median / p90. *smaller* and *faster* are ratios to the "
-                     "baseline (faster at batch 1 / batch 64).")
+                     "baseline (faster at batch 1 / batch 64, timed interleaved with it). "
+                     "*val* is validation accuracy, *accuracy* test accuracy.")
         for r in self.stages:
-            notes = [f"- {f}" for f in r.get("flags", [])] + [
-                f"- warning: {w}" for w in r.get("warnings", [])]
-            details = r.get("details") or {}
-            if notes or details:
-                lines += ["", f"## {r['name']}", ""] + notes
-                for key, value in details.items():
-                    lines.append(f"- {key}: `{json.dumps(value, default=str)}`")
+            notes = [f"- {f}" for f in r.flags] + [f"- warning: {w}" for w in r.warnings]
+            if notes or r.details:
+                lines += ["", f"## {r.name}", ""] + notes
+                for key, value in r.details.items():
+                    lines.append(f"- {key}: `{json.dumps(strict_json(value))}`")
         if self.failed:
             lines += ["", f"## FAILED: {self.failed['name']}", "", f"```\n{self.failed['error']}"
                       "\n```"]
         return "\n".join(lines) + "\n"
 
 
-def _flags(row: dict[str, Any], parent: dict[str, Any] | None) -> list[str]:
+#: Accuracy a stage may lose against its input before the report flags it (points).
+ACCURACY_DROP_POINTS = 2.0
+#: What usually wins lost accuracy back, by stage role.
+_KNOBS = {
+    "train": "train for more epochs or lower lr",
+    "distill": "distill for more epochs (or raise lr, or add CE() to the loss)",
+    "decompose": "raise rank, or distill after decomposing",
+    "prune": "raise recovery_epochs, or lower ratio",
+    "export": "check the export's parity details",
+    "quantize": "quantize fewer nodes (max_drop=) or calibrate on more samples",
+    "transform": "check the stage's settings",
+}
+
+
+def _flags(row: StageRow, parent: StageRow | None) -> list[str]:
+    flags = list(row.timing.get("flags", []))
     if parent is None:
-        return []
-    flags = []
-    lat = row["latency_ms"].get("batch_64", row["latency_ms"].get("batch_1"))
-    plat = parent["latency_ms"].get("batch_64", parent["latency_ms"].get("batch_1"))
+        return flags
+    lat, plat = row.batch_latency(), parent.batch_latency()
     speedup = (plat["p50"] / lat["p50"]) if lat and plat and lat["p50"] > 0 else None
-    for key, label in (("macs", "MACs"), ("params", "parameters")):
-        if row.get(key) and parent.get(key) and row[key] < 0.8 * parent[key]:
+    for value, pvalue, label in ((row.macs, parent.macs, "MACs"),
+                                 (row.params, parent.params, "parameters")):
+        if value and pvalue and value < 0.8 * pvalue:
             if speedup is not None and speedup < 1.05:
-                flags.append(f"{label} fell {100 * (1 - row[key] / parent[key]):.0f}% but "
+                flags.append(f"{label} fell {100 * (1 - value / pvalue):.0f}% but "
                              f"latency (largest batch) improved only {100 * (speedup - 1):.1f}%")
             break
-    compressing = row["params"] < parent["params"] or "quantize" in row["function"]
-    if compressing and row["size_bytes"] >= parent["size_bytes"]:
-        flags.append(f"size on disk did not drop ({format_bytes(row['size_bytes'])} vs "
-                     f"{format_bytes(parent['size_bytes'])})")
-    if "quantize" in row["function"] and speedup is not None and speedup < 1.0:
-        reason = (row.get("details") or {}).get("slow_reason", "")
+    quantized = row.role == "quantize"
+    if (row.params < parent.params or quantized) and row.size_bytes >= parent.size_bytes:
+        flags.append(f"size on disk did not drop ({format_bytes(row.size_bytes)} vs "
+                     f"{format_bytes(parent.size_bytes)})")
+    if quantized and speedup is not None and speedup < 1.0:
+        reason = row.details.get("slow_reason", "")
         flags.append(f"int8 is not faster than its fp32 parent at the largest batch "
                      f"({speedup:.2f}x)" + (f": {reason}" if reason else ""))
+    mine, theirs, split = row.val_accuracy, parent.val_accuracy, "validation"
+    if mine is None or theirs is None:
+        mine, theirs, split = row.accuracy, parent.accuracy, "test"
+    drop = 100 * (theirs - mine)
+    if drop > ACCURACY_DROP_POINTS:
+        flags.append(f"{split} accuracy fell {drop:.1f} points below '{parent.name}' "
+                     f"({100 * mine:.2f}% vs {100 * theirs:.2f}%): "
+                     f"{_KNOBS.get(row.role, _KNOBS['transform'])}")
     return flags
 
 
 def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the per-stage table (shared by markdown and terminal)."""
     header = ["stage", "function", "format", "params", "size", "MACs", "b1 ms p50/p90",
-              "b64 ms p50/p90", "engine", "accuracy", "agreement", "smaller", "faster b1/b64",
-              "time s", "cached"]
+              "b64 ms p50/p90", "engine", "val", "accuracy", "agreement", "smaller",
+              "faster b1/b64", "time s", "cached"]
     rows = []
     for r in report.stages:
-        lat = r["latency_ms"]
-
-        def ms(key: str, lat: dict = lat) -> str:
+        def ms(key: str, lat: dict = r.latency_ms) -> str:
             v = lat.get(key)
             return f"{v['p50']:.3f} / {v['p90']:.3f}" if v else "-"
 
-        fb = r.get("faster_by") or {}
+        fb = r.faster_by or {}
         faster = "/".join(f"{fb[k]:.2f}x" if fb.get(k) else "-" for k in ("batch_1", "batch_64"))
         rows.append([
-            r["name"], r["function"].rsplit(".", 1)[-1], r["format"], _count(r["params"]),
-            format_bytes(r["size_bytes"]), _count(r.get("macs")), ms("batch_1"), ms("batch_64"),
-            r["engine"], f"{100 * r['accuracy']:.2f}%",
-            "-" if r.get("agreement") is None else f"{100 * r['agreement']:.2f}%",
-            f"{r['smaller_by']:.1f}x" if r.get("smaller_by") else "-", faster,
-            f"{r['seconds']:.1f}", "yes" if r["cached"] else "no",
+            r.name, r.function.rsplit(".", 1)[-1], r.format, _count(r.params),
+            format_bytes(r.size_bytes), _count(r.macs), ms("batch_1"), ms("batch_64"),
+            r.engine, _percent(r.val_accuracy), _percent(r.accuracy), _percent(r.agreement),
+            f"{r.smaller_by:.1f}x" if r.smaller_by else "-", faster,
+            f"{r.seconds:.1f}", "yes" if r.cached else "no",
         ])
     return header, rows
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def render_table(report: Report) -> Any:
@@ -195,40 +281,55 @@ def render_table(report: Report) -> Any:
 
 
 def plot(report: Report, path: Path) -> None:
-    """Accuracy against size and against latency, one point per stage, DAG edges drawn."""
+    """Accuracy change against size and against latency, one point per stage, DAG edges drawn.
+
+    The y axis is the test accuracy's change from the baseline in points on a symmetric-log
+    scale: linear within one point (tenths stay visible), logarithmic beyond (a stage that loses
+    70 points still fits). Stages are told apart by colour and the legend, so no label overlaps.
+    """
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {r["name"]: r for r in report.stages}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [("size on disk (KiB)", lambda r: r["size_bytes"] / 1024),
-              ("latency, batch 64 p50 (ms)",
-               lambda r: r["latency_ms"].get("batch_64", r["latency_ms"]["batch_1"])["p50"])]
+    rows = {r.name: r for r in report.stages}
+    base = rows.get(report.baseline or "") or next(iter(rows.values()))
+
+    def change(r: StageRow) -> float:
+        return 100 * (r.accuracy - base.accuracy)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    panels = [("size on disk (KiB)", lambda r: r.size_bytes / 1024),
+              ("latency, batch 64 p50 (ms)", lambda r: r.batch_latency()["p50"])]
+    colours = plt.get_cmap("tab10")
     for ax, (label, xval) in zip(axes, panels, strict=True):
         for a, b in report.edges:
             if a in rows and b in rows:
-                ax.annotate("", xy=(xval(rows[b]), 100 * rows[b]["accuracy"]),
-                            xytext=(xval(rows[a]), 100 * rows[a]["accuracy"]),
-                            arrowprops={"arrowstyle": "->", "color": "0.6"})
-        for name, r in rows.items():
-            marker = "s" if r["format"] == "onnx" else "o"
-            ax.scatter(xval(r), 100 * r["accuracy"], marker=marker, s=40, zorder=3)
-            ax.annotate(name, (xval(r), 100 * r["accuracy"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
+                ax.annotate("", xy=(xval(rows[b]), change(rows[b])),
+                            xytext=(xval(rows[a]), change(rows[a])),
+                            arrowprops={"arrowstyle": "->", "color": "0.7"})
+        for i, (name, r) in enumerate(rows.items()):
+            ax.scatter(xval(r), change(r), marker="s" if r.format == "onnx" else "o", s=50,
+                       zorder=3, color=colours(i % 10),
+                       label=f"{name} ({100 * r.accuracy:.2f}%)")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         values = [xval(r) for r in rows.values()]
         narrow = max(values) / max(min(values), 1e-9) < 20  # label minor ticks within a decade
         ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
                                      if narrow else matplotlib.ticker.NullFormatter())
+        ax.set_yscale("symlog", linthresh=1.0, linscale=2.0)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+.1f}"))
+        ax.axhline(0.0, color="0.5", lw=0.8)
         ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test accuracy vs {base.name} (points)")
         ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
+               frameon=False)
     fig.suptitle(f"{report.pipeline} on {report.data} (circle: torch, square: ONNX)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
     tmp = atomic_path(path)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -242,6 +343,8 @@ def load_report(run_dir: str | Path) -> Report:
         raise KDCompressError(f"no report in {run_dir}: expected {path} (run "
                               "'kdcompress run FILE --out DIR' first)")
     try:
-        return Report(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
+        doc = json.loads(path.read_text())
+        doc["stages"] = [StageRow.from_dict(r) for r in doc.get("stages", [])]
+        return Report(**doc)
+    except (ValueError, TypeError, AttributeError) as exc:
         raise KDCompressError(f"{path} is not a kdcompress report: {exc}") from exc

@@ -33,18 +33,3 @@ def tiny_task() -> data.Task:
 def fast_measure() -> MeasureConfig:
     """Two timed runs after one warm-up: enough to fill every field of a row."""
     return MeasureConfig(repeats=2, warmup=1, min_seconds=0.0)
-
-
-@pytest.fixture
-def real_plot() -> None:
-    """Request this fixture to draw report.png with matplotlib instead of a placeholder."""
-
-
-@pytest.fixture(autouse=True)
-def _placeholder_plot(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """report.png is redrawn after every stage; tests that do not look at it skip matplotlib."""
-    if "real_plot" in request.fixturenames:
-        return
-    from kdcompress import report
-
-    monkeypatch.setattr(report, "plot", lambda rep, path: path.write_bytes(b"png"))

@@ -44,7 +44,7 @@ def test_run_writes_every_artifact_and_the_report(tiny_run):
         assert (tiny_run / name).is_file()
     for stage in ("teacher", "student"):
         folder = tiny_run / "stages" / stage
-        assert {"meta.json", "module.json", "weights.pt"} <= {p.name for p in folder.iterdir()}
+        assert {"meta.json", "module.json", "weights.safetensors"} <= {p.name for p in folder.iterdir()}
     doc = load(tiny_run)
     assert doc["pipeline"] == "tiny"
     assert [r["name"] for r in doc["stages"]] == ["teacher", "student"]
@@ -163,7 +163,7 @@ def test_unparsable_file_exits_2_naming_the_line(tmp_path, capsys):
 
 
 def test_swapped_data_gets_its_own_default_run_folder():
-    from kdcompress.scheduler import default_run_dir
+    from kdcompress.options import default_run_dir
 
     assert default_run_dir("tt_distill_quant") == Path("runs") / "tt_distill_quant"
     assert default_run_dir("tt_distill_quant", "mnist") == Path("runs") / "tt_distill_quant-mnist"

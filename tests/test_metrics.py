@@ -43,7 +43,8 @@ def test_measure_returns_the_row_schema(tiny_task, fast_measure, tmp_path):
     preds = predict(model, x).argmax(1)
     row = measure(model, tiny_task, config=fast_measure, folder=tmp_path, reference=preds)
     assert set(row) == {"params", "size_bytes", "macs", "latency_ms", "engine", "accuracy",
-                        "agreement"}
+                        "val_accuracy", "agreement"}
+    assert row["val_accuracy"] is None  # tiny has no validation split
     assert row["params"] == sum(p.numel() for p in model.parameters())
     assert row["size_bytes"] == sum(f.stat().st_size for f in tmp_path.iterdir())
     assert row["macs"] == count_macs(model, x[:1]) and row["macs"] > 0
@@ -54,3 +55,35 @@ def test_measure_returns_the_row_schema(tiny_task, fast_measure, tmp_path):
     flipped = measure(model, tiny_task, config=fast_measure, reference=(preds + 1) % 4)
     assert flipped["agreement"] == 0.0
     assert measure(model, tiny_task, config=fast_measure)["agreement"] is None
+
+
+def test_val_accuracy_is_scored_on_the_validation_split(digits_task, fast_measure):
+    model = models.cnn(width=4, hidden=8).build(digits_task.input_shape, digits_task.num_classes)
+    row = measure(model, digits_task, config=fast_measure)
+    xv, yv = digits_task.arrays("val")
+    expected = float((predict(model, xv).argmax(1) == yv).float().mean())
+    assert row["val_accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_latency_against_times_both_models_interleaved(tiny_task):
+    import time
+
+    from torch import nn
+
+    from kdcompress.metrics import MeasureConfig, latency_against
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.004)
+            return x.flatten(1)[:, :4]
+
+    class Fast(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :4]
+
+    config = MeasureConfig(repeats=5, warmup=1, min_seconds=0.0, batch_sizes=(1,))
+    x, _ = tiny_task.arrays("test")
+    fast, slow, timing = latency_against(Fast(), Slow(), x, config)
+    assert slow["batch_1"]["p50"] >= 4.0 > fast["batch_1"]["p50"]
+    assert slow["batch_1"]["runs"] == fast["batch_1"]["runs"] >= 5
+    assert timing["baseline_latency_ms"] == slow

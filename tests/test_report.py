@@ -9,11 +9,12 @@ from torch import nn
 
 from kdcompress import Pipeline, models
 from kdcompress.errors import KDCompressError
-from kdcompress.report import Report, load_report, render_table
+from kdcompress.report import Report, StageRow, load_report, render_table
 from kdcompress.stages import train
 
 STAGE_KEYS = {"name", "function", "inputs", "format", "params", "size_bytes", "macs",
-              "latency_ms", "engine", "accuracy", "agreement", "seconds", "cached"}
+              "latency_ms", "engine", "accuracy", "val_accuracy", "agreement", "seconds",
+              "cached", "smaller_by", "faster_by", "flags", "details", "warnings", "role"}
 
 
 def narrow(model: nn.Module, data=None) -> nn.Module:
@@ -49,7 +50,7 @@ def test_report_json_schema(doc):
         for batch in ("batch_1", "batch_64"):
             lat = row["latency_ms"][batch]
             assert 0 < lat["p50"] <= lat["p90"]
-        assert 0.0 <= row["accuracy"] <= 1.0
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
         assert row["seconds"] >= 0 and row["cached"] is False
     teacher, student = doc["stages"]
     assert teacher["function"] == "kdcompress.stages.train.train"
@@ -67,7 +68,9 @@ def test_ratios_are_computed_from_the_numbers(doc):
                                                   abs=1e-3)
     assert student["smaller_by"] > 1
     for batch in ("batch_1", "batch_64"):
-        expected = teacher["latency_ms"][batch]["p50"] / student["latency_ms"][batch]["p50"]
+        # timed interleaved with the baseline: the ratio of the two timings taken side by side
+        paired = student["timing"]["baseline_latency_ms"][batch]["p50"]
+        expected = paired / student["latency_ms"][batch]["p50"]
         assert student["faster_by"][batch] == pytest.approx(expected, rel=1e-2, abs=1e-3)
 
 
@@ -103,12 +106,12 @@ def test_load_report_errors(tmp_path):
 
 
 def row(name, *, inputs=(), function="user.stage", params=1000, size=4000, macs=10_000,
-        b64=10.0, b1=1.0, fmt="torch"):
-    return {"name": name, "function": function, "inputs": list(inputs), "format": fmt,
-            "params": params, "size_bytes": size, "macs": macs,
-            "latency_ms": {"batch_1": {"p50": b1, "p90": b1}, "batch_64": {"p50": b64, "p90": b64}},
-            "engine": "torch", "accuracy": 0.9, "agreement": None, "seconds": 1.0,
-            "cached": False}
+        b64=10.0, b1=1.0, fmt="torch", role="transform", val=0.9, acc=0.9):
+    return StageRow(name=name, function=function, inputs=list(inputs), format=fmt,
+                    params=params, size_bytes=size, macs=macs,
+                    latency_ms={"batch_1": {"p50": b1, "p90": b1},
+                                "batch_64": {"p50": b64, "p90": b64}},
+                    engine="torch", accuracy=acc, val_accuracy=val, seconds=1.0, role=role)
 
 
 @pytest.fixture
@@ -120,38 +123,38 @@ def report() -> Report:
 
 def test_fewer_params_without_speedup_is_flagged(report):
     report.add(row("pruned", inputs=["teacher"], params=500, macs=None, size=2000, b64=10.0))
-    (flag,) = report.row("pruned")["flags"]
+    (flag,) = report.row("pruned").flags
     assert "parameters fell 50%" in flag and "improved only 0.0%" in flag
 
 
 def test_fewer_macs_without_speedup_is_flagged(report):
     report.add(row("pruned", inputs=["teacher"], params=500, macs=4000, size=2000, b64=9.9))
-    (flag,) = report.row("pruned")["flags"]
+    (flag,) = report.row("pruned").flags
     assert flag.startswith("MACs fell 60%")
 
 
 def test_compression_that_paid_off_is_not_flagged(report):
     report.add(row("pruned", inputs=["teacher"], params=500, macs=5000, size=2000, b64=5.0))
-    assert report.row("pruned")["flags"] == []
-    assert report.row("pruned")["smaller_by"] == 2.0
-    assert report.row("pruned")["faster_by"] == {"batch_1": 1.0, "batch_64": 2.0}
+    assert report.row("pruned").flags == []
+    assert report.row("pruned").smaller_by == 2.0
+    assert report.row("pruned").faster_by == {"batch_1": 1.0, "batch_64": 2.0}
 
 
 def test_smaller_model_not_smaller_on_disk_is_flagged(report):
     report.add(row("tt", inputs=["teacher"], params=800, size=4100, b64=5.0))
-    assert any("size on disk did not drop" in f for f in report.row("tt")["flags"])
+    assert any("size on disk did not drop" in f for f in report.row("tt").flags)
 
 
 def test_quantized_model_not_faster_than_its_parent_is_flagged(report):
     report.add(row("fp32", inputs=["teacher"], fmt="onnx", b64=8.0))
     report.add(row("int8", inputs=["fp32"], function="kdcompress.stages.quantize.quantize_onnx",
-                   fmt="onnx", size=1000, b64=12.0))
-    flags = report.row("int8")["flags"]
+                   role="quantize", fmt="onnx", size=1000, b64=12.0))
+    flags = report.row("int8").flags
     assert any("int8 is not faster than its fp32 parent" in f and "0.67x" in f for f in flags)
     report.add(row("int8", inputs=["fp32"], function="kdcompress.stages.quantize.quantize_onnx",
-                   fmt="onnx", size=1000, b64=4.0))
-    assert report.row("int8")["flags"] == []
-    assert [r["name"] for r in report.stages] == ["teacher", "fp32", "int8"]
+                   role="quantize", fmt="onnx", size=1000, b64=4.0))
+    assert report.row("int8").flags == []
+    assert [r.name for r in report.stages] == ["teacher", "fp32", "int8"]
 
 
 def test_flags_and_failure_reach_the_markdown(report, tmp_path):
@@ -162,3 +165,26 @@ def test_flags_and_failure_reach_the_markdown(report, tmp_path):
     assert "## pruned" in md and "parameters fell 50%" in md
     assert "## FAILED: int8" in md and "ValueError: no calib" in md
     assert load_report(tmp_path).failed["name"] == "int8"
+
+
+def test_accuracy_lost_against_the_input_is_flagged_with_the_knob(report):
+    report.add(row("pruned", inputs=["teacher"], params=500, macs=5000, size=2000, b64=5.0,
+                   role="prune", val=0.87, acc=0.95))
+    (flag,) = report.row("pruned").flags
+    assert "validation accuracy fell 3.0 points below 'teacher'" in flag
+    assert "recovery_epochs" in flag
+    report.add(row("pruned", inputs=["teacher"], params=500, macs=5000, size=2000, b64=5.0,
+                   role="prune", val=0.885, acc=0.5))  # test accuracy never decides
+    assert report.row("pruned").flags == []
+
+
+def test_report_json_is_strict_json(tmp_path):
+    rep = Report(pipeline="nan", baseline="teacher")
+    r = row("teacher")
+    r.details = {"final_loss": float("nan"), "inf": float("inf")}
+    rep.add(r)
+    rep.save(tmp_path, plot_png=False)
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    doc = json.loads(text)
+    assert doc["stages"][0]["details"] == {"final_loss": None, "inf": None}

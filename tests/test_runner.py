@@ -14,7 +14,7 @@ from kdcompress import Pipeline, data, models
 from kdcompress.artifacts import load_module
 from kdcompress.errors import PipelineError
 from kdcompress.report import load_report
-from kdcompress.scheduler import RunFailed
+from kdcompress.errors import RunFailed
 
 #: Stage names in the order their user functions were called (the scheduler's cache is
 #: only trustworthy if a cached stage's function is never called).
@@ -73,6 +73,7 @@ def run(fast_measure, tmp_path):
     """Run a pipeline into tmp_path/run with fast measurement."""
     def go(pipeline: Pipeline, **kwargs):
         kwargs.setdefault("out", tmp_path / "run")
+        kwargs.setdefault("plot", False)
         return pipeline.run(measure=fast_measure, **kwargs)
 
     return go
@@ -88,11 +89,11 @@ def chain(task: data.Task, *, factor: float = 2.0) -> Pipeline:
 
 
 def names(report) -> list[str]:
-    return [r["name"] for r in report.stages]
+    return [r.name for r in report.stages]
 
 
 def cached(report) -> list[bool]:
-    return [r["cached"] for r in report.stages]
+    return [r.cached for r in report.stages]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -120,9 +121,8 @@ def test_second_run_is_all_cached_and_calls_nothing(tiny_task, run, tmp_path):
     assert CALLS == []
     assert cached(second) == [True] * 3
     for a, b in zip(first.stages, second.stages, strict=True):
-        assert (a["accuracy"], a["params"], a["size_bytes"]) == (
-            b["accuracy"], b["params"], b["size_bytes"])
-    assert load_report(tmp_path / "run").stages[2]["cached"] is True
+        assert (a.accuracy, a.params, a.size_bytes) == (b.accuracy, b.params, b.size_bytes)
+    assert load_report(tmp_path / "run").stages[2].cached is True
 
 
 def test_changed_constant_reruns_the_stage_and_everything_downstream(tiny_task, run, tmp_path):
@@ -175,7 +175,7 @@ def test_unknown_until_or_only_suggests(tiny_task, run, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_only_needs_cached_inputs_then_reruns_just_that_stage(tiny_task, run):
+def test_only_needs_cached_inputs_then_reruns_just_that_stage(tiny_task, run, tmp_path):
     with pytest.raises(PipelineError, match=r"--only c needs 'a', which is not in .* "
                                             r"--until a first"):
         run(chain(tiny_task), only="c")
@@ -184,8 +184,10 @@ def test_only_needs_cached_inputs_then_reruns_just_that_stage(tiny_task, run):
     CALLS.clear()
     report = run(chain(tiny_task), only="c")
     assert CALLS == ["c"]
-    assert names(report) == ["c"] and cached(report) == [False]
-    assert report.stages[0]["agreement"] is not None  # compared with the cached baseline
+    # the other rows stay, re-measured from the store; only c ran
+    assert names(report) == ["a", "b", "c"] and cached(report) == [True, True, False]
+    assert report.row("c").agreement is not None  # compared with the cached baseline
+    assert names(load_report(tmp_path / "run")) == ["a", "b", "c"]
 
 
 def test_resume_after_a_crash(tiny_task, run, tmp_path):
@@ -231,7 +233,7 @@ def test_stage_returning_a_non_model_fails_naming_it(tiny_task, run, tmp_path):
     pipeline = chain(tiny_task)
     pipeline.stage(returns_number, out="bad", model=pipeline.ref("c"))
     with pytest.raises(RunFailed, match=r"stage 'bad' \(returns_number\) failed: StageError: "
-                                        r"stage 'bad' \(returns_number\) returned int"):
+                                        r"returned int; a stage must return"):
         run(pipeline)
     saved = load_report(tmp_path / "run")
     assert names(saved) == ["a", "b", "c"] and saved.failed["name"] == "bad"
@@ -251,7 +253,7 @@ def test_a_stage_mutating_its_input_does_not_corrupt_upstream(tiny_task, run, tm
         torch.testing.assert_close(untouched[key], value)
     assert all(t.abs().sum() == 0 for k, t in weights(stages / "v").items()
                if k.endswith("weight"))
-    assert report.row("after")["agreement"] == 1.0
+    assert report.row("after").agreement == 1.0
 
 
 def test_a_stage_mutating_a_module_constant_leaves_it_alone(tiny_task, run):
@@ -277,15 +279,15 @@ def test_model_specs_are_built_for_the_data(tiny_task, run, tmp_path):
     model = load_module(tmp_path / "twelve" / "stages" / "c")
     assert model(torch.zeros(2, 1, 12, 12)).shape == (2, 3)
     assert report.data == "twelve"
-    assert report.row("a")["macs"] > 0
+    assert report.row("a").macs > 0
 
 
 def test_stage_gets_data_and_a_context_and_its_notes_reach_the_report(tiny_task, run):
     pipeline = Pipeline("ctx", data=tiny_task)
     pipeline.stage(check_data, out="x", model=models.mlp(hidden=(8,)))
     row = run(pipeline).row("x")
-    assert row["details"] == {"classes": 4}
-    assert row["warnings"] == ["a warning for the report"]
+    assert row.details == {"classes": 4}
+    assert row.warnings == ["a warning for the report"]
 
 
 def test_same_pipeline_twice_in_one_folder_keeps_one_row_per_stage(tiny_task, run, tmp_path):

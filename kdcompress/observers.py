@@ -1,0 +1,87 @@
+"""The observers every run has: measuring each finished stage, and writing the report files.
+
+The runner emits "stage finished with artifact X" (:class:`~kdcompress.progress.StageFinished`);
+:class:`Measurer` measures X into a :class:`~kdcompress.report.StageRow` and adds it to the report,
+:class:`ReportFiles` rewrites ``report.json`` / ``report.md`` / ``report.png``. Neither changes what
+runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcompress.data import Task
+from kdcompress.metrics import MeasureConfig, measure, predict
+from kdcompress.progress import Progress, StageFinished
+from kdcompress.report import Report, StageRow
+
+__all__ = ["Measurer", "ReportFiles"]
+
+
+class Measurer(Progress):
+    """Measures each finished stage on ``task`` and adds its row to the report.
+
+    The baseline's test predictions give every later row its ``agreement``, and the baseline is
+    timed interleaved with each later stage, so ``faster_by`` compares the two under the same
+    machine load.
+
+    Parameters
+    ----------
+    task : Task
+        The data the artifacts are scored on.
+    config : MeasureConfig
+        Timing settings.
+    order : list of str
+        The pipeline's stage order; rows are kept in it.
+    """
+
+    def __init__(self, task: Task, config: MeasureConfig, order: list[str]) -> None:
+        self.task = task
+        self.config = config
+        self.order = order
+        self.baseline: Any = None
+        self.baseline_predictions: torch.Tensor | None = None
+
+    def stage_finished(self, event: StageFinished) -> None:
+        report = event.report
+        is_baseline = event.name == report.baseline
+        metrics = measure(event.artifact, self.task, config=self.config, folder=event.folder,
+                          reference=None if is_baseline else self.baseline_predictions,
+                          baseline=None if is_baseline else self.baseline)
+        meta = event.meta
+        event.row = StageRow(
+            name=event.name, function=event.function, inputs=list(event.inputs),
+            format=meta["format"], role=event.role,
+            seconds=round(float(meta.get("seconds", 0.0)), 3), cached=event.cached,
+            details=dict(meta.get("details") or {}), warnings=list(meta.get("warnings") or []),
+            **metrics)
+        if is_baseline:
+            self.baseline = event.artifact
+            x, _ = self.task.arrays("test")
+            self.baseline_predictions = predict(event.artifact, x).argmax(1)
+        report.add(event.row, order=self.order)
+
+
+class ReportFiles(Progress):
+    """Rewrites the report files after every stage and after a failure.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Where ``report.json``, ``report.md`` and ``report.png`` go.
+    plot : bool
+        Draw ``report.png`` (matplotlib); off in tests that do not look at it.
+    """
+
+    def __init__(self, run_dir: Path, *, plot: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.plot = plot
+
+    def stage_finished(self, event: StageFinished) -> None:
+        event.report.save(self.run_dir, plot_png=self.plot)
+
+    def stage_failed(self, name: str, message: str, report: Report) -> None:
+        report.save(self.run_dir, plot_png=self.plot)
