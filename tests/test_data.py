@@ -71,7 +71,7 @@ def test_digits_is_repeatable(digits_task):
 
 
 def test_from_tensors_shapes_and_fingerprint():
-    x, y = torch.randn(10, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 4])
+    x, y = torch.randn(10, 3), torch.tensor([0, 1, 2, 0, 1, 2, 3, 1, 2, 4])
     task = data.from_tensors(x, y, x[:4], y[:4])
     assert task.input_shape == (3,) and task.num_classes == 5 and task.val is None
     assert data.from_tensors(x, y, x[:4], y[:4]).fingerprint == task.fingerprint
@@ -90,14 +90,15 @@ def test_from_tensors_errors():
     x, y = torch.randn(10, 3), torch.arange(10) % 2
     with pytest.raises(DataError, match="x_train has 10 samples but y_train has 9"):
         data.from_tensors(x, y[:9], x, y)
-    with pytest.raises(DataError, match="labels must be >= 0, but got -1"):
+    with pytest.raises(DataError, match="the train split holds label -1 at sample 0"):
         data.from_tensors(x, y - 1, x, y)
     with pytest.raises(DataError, match=r"x_train samples have shape \(3,\) but x_test samples "
                                         r"have shape \(4,\)"):
         data.from_tensors(x, y, torch.randn(10, 4), y)
     with pytest.raises(DataError, match="give both x_val and y_val"):
         data.from_tensors(x, y, x, y, x_val=x)
-    with pytest.raises(DataError, match="num_classes=2 but a label is 2"):
+    with pytest.raises(DataError, match=r"the train split holds label 2 at sample 1, outside "
+                                        r"0\.\.1 \(num_classes=2\)"):
         data.from_tensors(x, y + 1, x, y, num_classes=2)
     with pytest.raises(DataError, match=r"y_train must be a 1-D tensor of class indices, but got "
                                         r"shape \(10, 2\)"):
@@ -151,7 +152,7 @@ def test_mnist_bad_files(tmp_path):
     good = path.read_bytes()
     path.write_bytes(b"\x00\x00\x0d\x01" + good[4:])
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is not an unsigned-byte IDX file "
-                                        r"\(bad magic number\)"):
+                                        r"\(bad magic number: type 0x0d, float32\)"):
         data.mnist(tmp_path, val_size=2)
     path.write_bytes(good[:-1])
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is truncated or corrupt: header "
