@@ -201,7 +201,9 @@ def _graph(args: argparse.Namespace, console) -> int:
         console.print(f"{name} = {stage.fn.__name__}({', '.join(args_text)})", markup=False,
                       highlight=False)
     if args.image:
-        _draw(g, args.image)
+        from kdcompress.graphplot import draw
+
+        draw(g, args.image)
         console.print(f"DAG drawn in {args.image}")
     return EXIT_OK
 
@@ -209,23 +211,3 @@ def _graph(args: argparse.Namespace, console) -> int:
 def _short(value) -> str:
     text = repr(value).replace("\n", " ")
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _draw(g, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import networkx as nx
-
-    for layer, nodes in enumerate(nx.topological_generations(g)):
-        for node in nodes:
-            g.nodes[node]["layer"] = layer
-    pos = nx.multipartite_layout(g, subset_key="layer")
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(g)), 3))
-    labels = {n: f"{n}\n{g.nodes[n]['function']}" for n in g}
-    nx.draw_networkx(g, pos, ax=ax, labels=labels, node_color="#dbe9f6", node_size=2600,
-                     font_size=8, arrows=True)
-    ax.axis("off")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
