@@ -17,7 +17,7 @@ import onnxruntime as ort
 from torch import nn
 
 from kdcompress import data, models
-from kdcompress.artifacts import OnnxModel, load_module, save_module
+from kdcompress.artifacts import WEIGHTS_FILE, OnnxModel, load_module, save_module
 from kdcompress.stages.train import train
 
 
@@ -39,7 +39,7 @@ def mnist_arguments(parser: argparse.ArgumentParser, *, epochs: int, train_limit
 def trained_cnn(task: data.Task, width: int, epochs: int, cache: Path | None) -> nn.Module:
     """``models.cnn(width)`` trained on ``task``, loaded from ``cache`` when trained before."""
     folder = None if cache is None else cache / f"cnn-w{width}-e{epochs}-{task.fingerprint}"
-    if folder is not None and (folder / "weights.pt").exists():
+    if folder is not None and (folder / WEIGHTS_FILE).exists():
         return load_module(folder)
     model = train(models.cnn(width=width), epochs=epochs, data=task)
     if folder is not None:
