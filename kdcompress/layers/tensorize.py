@@ -37,7 +37,7 @@ from tensorly.tenalg.svd import svd_interface
 from torch import nn
 
 from kdcompress.errors import LayerError, did_you_mean
-from kdcompress.layers.tt import RankArg, TTConv2d, TTLinear, _check_rank, _set_module
+from kdcompress.layers.tt import TT_LAYERS, RankArg, TTConv2d, TTLinear, check_rank, set_module
 
 __all__ = ["tensorize", "decompose_layer", "METHODS"]
 
@@ -139,7 +139,7 @@ def _tucker_layer(conv: nn.Conv2d, rank: RankArg, tol: float | None) -> nn.Modul
 
 def _dense_weight(module: nn.Module, like: nn.Module) -> torch.Tensor:
     """The dense weight a replacement computes, read off by running it on the identity."""
-    if isinstance(module, (TTLinear, TTConv2d)):
+    if isinstance(module, TT_LAYERS):
         return module.full_weight()
     first, *rest = list(module)
     if isinstance(like, nn.Linear):
@@ -173,7 +173,7 @@ def decompose_layer(layer: nn.Linear | nn.Conv2d, *, method: str = "tt", rank: R
                                                                             nn.Conv2d):
         raise LayerError(f"{where}: only nn.Linear and nn.Conv2d layers can be decomposed")
     try:
-        _check_rank(rank, tol, where)
+        check_rank(rank, tol, where)
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise LayerError(f"{where}: only groups=1 convolutions can be decomposed, but got "
                              f"groups={layer.groups}; leave this layer out")
@@ -356,6 +356,6 @@ def tensorize(model: nn.Module, *, layers: LayerSpec = None, rank: RankArg = Non
         if layers is None and record["params_after"] >= record["params_before"]:
             continue
         new.train(layer.training)
-        new_model = _set_module(new_model, name, new)
+        new_model = set_module(new_model, name, new)
         records.append(record)
     return new_model, records

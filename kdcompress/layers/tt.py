@@ -47,10 +47,15 @@ from kdcompress.errors import LayerError
 __all__ = [
     "TTLinear",
     "TTConv2d",
+    "TT_LAYERS",
+    "RankArg",
     "factorize",
     "choose_modes",
     "materialize",
     "tt_ranks_for_tol",
+    "max_ranks",
+    "check_rank",
+    "set_module",
 ]
 
 RankArg = int | Sequence[int] | None
@@ -148,7 +153,23 @@ def choose_modes(in_features: int, out_features: int,
 # TT-SVD helpers (tensorly on float64 numpy arrays)
 
 
-def _check_rank(rank: RankArg, tol: float | None, where: str) -> None:
+def check_rank(rank: RankArg, tol: float | None, where: str) -> None:
+    """Check a layer's ``rank`` / ``tol`` pair before factorising it.
+
+    Parameters
+    ----------
+    rank : int, list of int or None
+        Maximal TT ranks: one for every bond, or one per bond; ``None`` for full ranks.
+    tol : float or None
+        Relative Frobenius error bound in ``[0, 1)``; exclusive with ``rank``.
+    where : str
+        Names the layer in the error (``"'fc1' (Linear with weight (128, 1024))"``).
+
+    Raises
+    ------
+    LayerError
+        Both given, a rank that is not an integer >= 1, or ``tol`` outside ``[0, 1)``.
+    """
     if rank is not None and tol is not None:
         raise LayerError(f"{where}: give rank or tol, not both (got rank={rank}, tol={tol})")
     ranks = [rank] if isinstance(rank, int) else list(rank or [])
@@ -182,12 +203,12 @@ def tt_ranks_for_tol(tensor: np.ndarray, tol: float) -> list[int]:
     return ranks
 
 
-def _full_rank_list(rank: RankArg, d: int, max_ranks: list[int], where: str) -> list[int]:
+def _full_rank_list(rank: RankArg, d: int, caps: list[int], where: str) -> list[int]:
     """``rank`` as ``[1, r_1, ..., r_{d-1}, 1]`` clipped to what the sizes allow."""
     if isinstance(rank, (int, np.integer)):
         inner = [int(rank)] * (d - 1)
     elif rank is None:
-        inner = max_ranks[1:-1]
+        inner = caps[1:-1]
     else:
         inner = [int(r) for r in rank]
         if len(inner) == d + 1:
@@ -197,10 +218,20 @@ def _full_rank_list(rank: RankArg, d: int, max_ranks: list[int], where: str) -> 
         if len(inner) != d - 1:
             raise LayerError(f"{where}: a rank list for {d} cores has {d - 1} inner ranks (or "
                              f"{d + 1} with the boundary 1s), but got {len(list(rank))}: {rank}")
-    return [1, *[min(r, m) for r, m in zip(inner, max_ranks[1:-1], strict=True)], 1]
+    return [1, *[min(r, m) for r, m in zip(inner, caps[1:-1], strict=True)], 1]
 
 
-def _max_ranks(sizes: Sequence[int]) -> list[int]:
+def max_ranks(sizes: Sequence[int]) -> list[int]:
+    """The largest TT ranks ``[1, r_1, ..., r_{d-1}, 1]`` of a tensor with these mode sizes.
+
+    Bond ``k`` cannot exceed the smaller of the products of the sizes on either side of it: at
+    these ranks a TT-SVD is exact.
+
+    Examples
+    --------
+    >>> max_ranks([4, 8, 8, 4])
+    [1, 4, 32, 4, 1]
+    """
     return [1, *[min(math.prod(sizes[:k]), math.prod(sizes[k:])) for k in range(1, len(sizes))],
             1]
 
@@ -440,7 +471,7 @@ class TTLinear(nn.Module):
             :func:`choose_modes` when not given.
         """
         where = f"TTLinear.from_linear(Linear({linear.in_features}, {linear.out_features}))"
-        _check_rank(rank, tol, where)
+        check_rank(rank, tol, where)
         if (in_modes is None) != (out_modes is None):
             auto_in, auto_out = choose_modes(linear.in_features, linear.out_features,
                                              len(in_modes or out_modes or ()))
@@ -461,7 +492,7 @@ class TTLinear(nn.Module):
                 [i for k in range(d) for i in (k, d + k)]).reshape(sizes)
             ranks = tt_ranks_for_tol(interleaved, tol)
         else:
-            ranks = _full_rank_list(rank, d, _max_ranks(sizes), where)
+            ranks = _full_rank_list(rank, d, max_ranks(sizes), where)
         with tl.backend_context("numpy"):
             factors = tensor_train_matrix(w.reshape(*out_modes, *in_modes), list(ranks)).factors
         ranks = [1, *[f.shape[-1] for f in factors]]
@@ -603,12 +634,12 @@ class TTConv2d(nn.Module):
                              f"{conv.padding_mode!r}")
         if conv.padding == "same" and tuple(conv.stride) != (1, 1):
             raise LayerError(f"{where}: padding='same' needs stride 1, but got {conv.stride}")
-        _check_rank(rank, tol, where)
+        check_rank(rank, tol, where)
         kernel = conv.weight.detach().double().permute(1, 2, 3, 0).numpy()  # (C_in, kh, kw, C_out)
         if tol is not None:
             ranks = tt_ranks_for_tol(kernel, tol)
         else:
-            ranks = _full_rank_list(rank, 4, _max_ranks(kernel.shape), where)
+            ranks = _full_rank_list(rank, 4, max_ranks(kernel.shape), where)
         with tl.backend_context("numpy"):
             f0, f1, f2, f3 = tensor_train(np.ascontiguousarray(kernel), list(ranks)).factors
         ranks = [1, f0.shape[-1], f1.shape[-1], f2.shape[-1], 1]
@@ -630,6 +661,10 @@ class TTConv2d(nn.Module):
         return conv.to(self.core0.device, self.core0.dtype)
 
 
+#: The tensor-train layer classes; ``isinstance(module, TT_LAYERS)`` tells whether a module is one.
+TT_LAYERS: tuple[type[nn.Module], ...] = (TTLinear, TTConv2d)
+
+
 # ----------------------------------------------------------------------------------------------
 # materialize: choose factorised or dense per layer for deployment
 
@@ -642,7 +677,17 @@ def _median_time(fn: Any, x: torch.Tensor, repeats: int = 15) -> float:
     return ms["p50"] / 1e3
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at the qualified ``name`` inside ``model`` (in place) and return ``model``.
+
+    An empty ``name`` means the model itself, so ``module`` is returned instead.
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    >>> set_module(model, "1", nn.Tanh())[1]
+    Tanh()
+    """
     if not name:
         return module
     parent_name, _, child = name.rpartition(".")
@@ -704,7 +749,7 @@ def materialize(model: nn.Module, mode: str = "auto", example_input: torch.Tenso
     if mode not in ("auto", "factorized", "dense"):
         raise LayerError(f"materialize: mode is 'auto', 'factorized' or 'dense', but got {mode!r}")
     model = copy.deepcopy(model).eval()
-    names = [n for n, m in model.named_modules() if isinstance(m, (TTLinear, TTConv2d))]
+    names = [n for n, m in model.named_modules() if isinstance(m, TT_LAYERS)]
     if mode == "factorized" or not names:
         return model, []
     if mode == "dense":
@@ -741,5 +786,5 @@ def materialize(model: nn.Module, mode: str = "auto", example_input: torch.Tenso
                 chosen.append(name)
                 spent += extra
     for name in chosen:
-        model = _set_module(model, name, model.get_submodule(name).to_dense())
+        model = set_module(model, name, model.get_submodule(name).to_dense())
     return model.eval(), sorted(chosen)

@@ -44,7 +44,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kdcompress.errors import LayerError
-from kdcompress.layers.tt import RankArg, TTConv2d, TTLinear, _set_module
+from kdcompress.layers.tt import TT_LAYERS, RankArg, TTConv2d, TTLinear, set_module
 
 __all__ = ["TTLinearPruner", "TTConv2dPruner", "tt_pruner_kwargs", "dense_trace", "round_ranks"]
 
@@ -146,7 +146,7 @@ def dense_trace(model: nn.Module) -> Iterator[nn.Module]:
     Use it around the construction of a torch-pruning pruner (its dependency trace), not for
     training: the materialised weight carries no gradient to the cores.
     """
-    layers = [m for m in model.modules() if isinstance(m, (TTLinear, TTConv2d))]
+    layers = [m for m in model.modules() if isinstance(m, TT_LAYERS)]
     for layer in layers:
         layer._dense_trace = True
     try:
@@ -175,5 +175,5 @@ def round_ranks(model: nn.Module, *, rank: RankArg = None, tol: float | None = N
         else:
             continue
         if all(n <= o for n, o in zip(new.ranks, layer.ranks, strict=True)):
-            model = _set_module(model, name, new.train(layer.training))
+            model = set_module(model, name, new.train(layer.training))
     return model

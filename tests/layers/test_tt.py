@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +16,16 @@ from torch import nn
 
 from kdcompress.artifacts import load_module, save_module
 from kdcompress.errors import LayerError
-from kdcompress.layers.tt import TTConv2d, TTLinear, choose_modes, factorize, materialize
+from kdcompress.layers import (
+    TT_LAYERS,
+    TTConv2d,
+    TTLinear,
+    choose_modes,
+    factorize,
+    materialize,
+    max_ranks,
+    set_module,
+)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -196,3 +208,36 @@ def test_materialize_modes() -> None:
     with pytest.raises(LayerError, match="example_input"):
         materialize(model, "auto")
     assert isinstance(model[3], TTLinear)  # input untouched
+
+
+def test_package_exports_the_public_api() -> None:
+    layers = importlib.import_module("kdcompress.layers")
+    readme = {"TTLinear", "TTConv2d", "materialize", "tensorize", "round_ranks"}
+    assert readme <= set(layers.__all__)
+    for name in layers.__all__:  # each public name is the object its module defines
+        obj = getattr(layers, name)
+        home = getattr(obj, "__module__", None)
+        if home and home.startswith("kdcompress.layers."):
+            assert getattr(importlib.import_module(home), name) is obj, name
+    assert TT_LAYERS == (TTLinear, TTConv2d)
+    assert isinstance(TTLinear.from_linear(nn.Linear(8, 4), rank=2), TT_LAYERS)
+    assert not isinstance(nn.Linear(8, 4), TT_LAYERS)
+
+
+def test_no_module_imports_a_private_name_of_the_layers() -> None:
+    package = Path(importlib.import_module("kdcompress").__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "kdcompress.layers"):
+                offenders += [f"{path.name}: {a.name}" for a in node.names
+                              if a.name.startswith("_")]
+    assert offenders == []
+
+
+def test_public_helpers() -> None:
+    assert max_ranks([4, 8, 8, 4]) == [1, 4, 32, 4, 1]
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert set_module(model, "1", nn.Tanh()) is model and isinstance(model[1], nn.Tanh)
+    assert isinstance(set_module(model, "", nn.Identity()), nn.Identity)
