@@ -2,7 +2,8 @@
 
 The graph is exported with the dynamo exporter (``torch.onnx.export(dynamo=True)``), simplified
 (onnxslim when installed, else ONNX Runtime's offline basic optimisation, which keeps standard ONNX
-ops only), and checked against PyTorch on the task's test split: the batch axis must be symbolic
+ops only), and checked against PyTorch on the task's validation split (``Task.eval_split``; the
+test split is only reported, never used to pass or fail a stage): the batch axis must be symbolic
 and the graph must run at two batch sizes, and the outputs must agree within ``atol``.
 """
 
@@ -21,10 +22,12 @@ from torch import nn
 from kdcompress.artifacts import OnnxModel
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
+from kdcompress.declare import Choice, Float, Int, check_arguments, stage
 from kdcompress.errors import StageError
+from kdcompress.layers import TT_LAYERS, materialize
 from kdcompress.training import predict_logits
 
-__all__ = ["export_onnx", "TT_EXPORT_MODES", "parity", "onnx_node_count"]
+__all__ = ["export_onnx", "TT_EXPORT_MODES", "MIN_OPSET", "parity", "onnx_node_count"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,17 @@ TT_EXPORT_MODES = ("factorized", "dense", "auto")
 GRAPH_FILE = "model.onnx"
 _PARITY_SAMPLES = 512
 _MAX_INLINE_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with a margin
+#: The lowest opset the dynamo exporter implements; below it, it converts after the fact, which
+#: may fail and silently keep opset 18.
+MIN_OPSET = 18
 
 
+@stage(role="export", checks={
+    "opset": Int(min=MIN_OPSET, optional=True),
+    "tt_export": Choice(TT_EXPORT_MODES),
+    "simplify": Choice([True, False]),
+    "atol": Float(gt=0),
+})
 def export_onnx(
     model: nn.Module, *, opset: int | None = None, tt_export: str = "factorized",
     simplify: bool = True, atol: float = 1e-3, data: Task | None = None,
@@ -49,15 +61,17 @@ def export_onnx(
         The model to export, used as given in eval mode (forward hooks are dropped from the copy
         that is exported, so distillation hooks never reach the graph).
     opset : int, optional
-        ONNX opset; the exporter's default (18 or later) when not given. Recorded in the report.
+        ONNX opset, at least 18 (the exporter's lowest); the exporter's default when not given.
+        Recorded in the report.
     tt_export : {"factorized", "dense", "auto"}
         How tensor-train layers are exported: as their chain of small contractions, multiplied
         back into one dense weight, or per layer whichever is faster here.
     simplify : bool
         Simplify the graph (onnxslim when installed, else ONNX Runtime's offline optimisation).
     atol : float
-        Largest absolute difference allowed between ONNX Runtime's and PyTorch's logits on the
-        test split; above it the stage fails with the numbers.
+        Largest absolute difference (> 0) allowed between ONNX Runtime's and PyTorch's logits on
+        the validation split (the training split when the task has none); above it the stage
+        fails with the numbers.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -68,6 +82,8 @@ def export_onnx(
 
     Raises
     ------
+    PipelineError
+        A setting breaks its rule (``opset`` below 18, an unknown ``tt_export``, ``atol <= 0``).
     StageError
         The batch axis could not be kept symbolic (e.g. the model calls ``int(x.shape[0])``),
         the export failed, or ONNX Runtime disagrees with PyTorch beyond ``atol``.
@@ -80,10 +96,9 @@ def export_onnx(
     >>> fp32.predict(task.example(4)).shape  # doctest: +SKIP
     torch.Size([4, 10])
     """
+    check_arguments(export_onnx, {"opset": opset, "tt_export": tt_export, "simplify": simplify,
+                                  "atol": atol})
     ctx = resolve_context(ctx, "export_onnx", data)
-    if tt_export not in TT_EXPORT_MODES:
-        raise StageError(f"export_onnx: tt_export must be one of {TT_EXPORT_MODES}, but got "
-                         f"'{tt_export}'")
     if not isinstance(model, nn.Module):
         raise StageError(f"export_onnx: expects a torch model (nn.Module), but got "
                          f"{type(model).__name__}")
@@ -118,13 +133,15 @@ def export_onnx(
         leftover.unlink(missing_ok=True)
     result = OnnxModel(path)
 
-    x, _ = ctx.data.arrays("test")
+    split = ctx.data.eval_split  # passing or failing the stage is a decision: never the test split
+    x, _ = ctx.data.arrays(split)
     max_diff, agreement = parity(model, result, x[:_PARITY_SAMPLES])
+    ctx.record("parity_split", split)
     ctx.record("max_abs_diff", max_diff)
     ctx.record("argmax_agreement", agreement)
     if not max_diff <= atol:
-        raise StageError(f"export_onnx: ONNX Runtime and PyTorch disagree on the test split: max "
-                         f"abs difference {max_diff:.3g} > atol={atol:g} (argmax agreement "
+        raise StageError(f"export_onnx: ONNX Runtime and PyTorch disagree on the {split} split: "
+                         f"max abs difference {max_diff:.3g} > atol={atol:g} (argmax agreement "
                          f"{agreement:.4f}). Look for ops that behave differently in eval mode, "
                          "or raise atol if the difference is expected")
     return result
@@ -144,17 +161,10 @@ def _drop_hooks(model: nn.Module) -> int:
     return count
 
 
-def _has_tt(model: nn.Module) -> bool:
-    return any(type(m).__name__.startswith("TT") and type(m).__module__.startswith(
-        "kdcompress.layers") for m in model.modules())
-
-
 def _materialize_tt(model: nn.Module, mode: str, ctx: StageContext) -> tuple[nn.Module, list[str]]:
-    """Apply ``kdcompress.layers.tt.materialize`` when the model holds TT layers."""
-    if not _has_tt(model):
+    """Apply :func:`kdcompress.layers.materialize` when the model holds TT layers."""
+    if not any(isinstance(m, TT_LAYERS) for m in model.modules()):
         return model, []
-    from kdcompress.layers.tt import materialize
-
     example = ctx.data.example(64).float()  # "auto" times each layer at a serving-size batch
     model, names = materialize(model, mode=mode, example_input=example, threads=1)
     return model.eval(), list(names)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
 import torch
 from torch import nn
 
-from kdcompress import data, models
+from kdcompress import Pipeline, data, models
 from kdcompress.artifacts import OnnxModel
 from kdcompress.context import StageContext
-from kdcompress.errors import StageError
+from kdcompress.declare import spec_of
+from kdcompress.errors import PipelineError, StageError
+from kdcompress.layers import TTConv2d, TTLinear
+from kdcompress.stages import export
 from kdcompress.stages.export import export_onnx
 from kdcompress.stages.train import train
 
@@ -64,6 +69,7 @@ def test_parity_and_report(exported, trained, task):
     assert ctx.details["max_abs_diff"] < 1e-4
     assert ctx.details["argmax_agreement"] == 1.0
     assert ctx.details["opset"] >= 18
+    assert ctx.details["parity_split"] == "val"
     assert ctx.details["nodes_after"] <= ctx.details["nodes_before"]
     assert "BatchNormalization" not in ctx.details["op_counts"]  # folded into the convs
     x, _ = task.arrays("test")
@@ -117,9 +123,84 @@ def test_size_counts_external_data(tmp_path):
     assert onnx_model.size_bytes == path.stat().st_size + data_file.stat().st_size
 
 
-def test_bad_tt_export_value(trained, task):
-    with pytest.raises(StageError, match="tt_export must be one of"):
-        export_onnx(trained, tt_export="dens", data=task)
+BAD_SETTINGS = [
+    ({"tt_export": "dens"}, "tt_export must be one of 'factorized', 'dense', 'auto', but got "
+                            "'dens'. Did you mean 'dense'?"),
+    ({"opset": 13}, "opset must be >= 18, but got 13"),
+    ({"opset": "18"}, "opset must be an integer, got '18'"),
+    ({"atol": 0}, "atol must be > 0, but got 0"),
+    ({"atol": float("nan")}, "atol must be a finite number, got nan"),
+    ({"simplify": "yes"}, "simplify must be one of True, False, but got 'yes'."),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_SETTINGS)
+def test_bad_setting_fails_at_declaration_and_on_direct_call(trained, task, kwargs, message):
+    pipeline = Pipeline("p")
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    with pytest.raises(PipelineError,
+                       match=r"^stage 'fp32' \(export_onnx\): " + re.escape(message) + "$"):
+        pipeline.stage(export_onnx, out="fp32", model=teacher, **kwargs)
+    assert "fp32" not in pipeline.stages
+    with pytest.raises(PipelineError, match="^export_onnx: " + re.escape(message) + "$"):
+        export_onnx(trained, data=task, **kwargs)
+
+
+def test_declaration_accepts_good_settings_and_names_the_role():
+    pipeline = Pipeline("p")
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    for i, mode in enumerate(("factorized", "dense", "auto")):
+        pipeline.stage(export_onnx, out=f"fp32_{i}", model=teacher, tt_export=mode, opset=18,
+                       atol=1e-5, simplify=False)
+    pipeline.stage(export_onnx, out="fp32", model=teacher, opset=None)
+    assert spec_of(export_onnx).role == "export"
+
+
+class TTLookalike(nn.Linear):
+    """Named like a TT layer but an ordinary Linear: must be exported as it is."""
+
+
+TTLookalike.__module__ = "kdcompress.layers.custom"
+
+
+class MyTT(TTLinear):
+    """A user's subclass of TTLinear, outside kdcompress: still a TT layer."""
+
+
+def test_tt_layers_are_recognised_by_class_not_name(trained, task, monkeypatch):
+    calls = []
+    materialize = export.materialize
+    monkeypatch.setattr(export, "materialize",
+                        lambda model, **kw: calls.append(kw["mode"]) or materialize(model, **kw))
+    lookalike = nn.Sequential(nn.Flatten(), TTLookalike(64, 10))
+    ctx = StageContext.standalone("fp32", task)
+    export_onnx(lookalike, tt_export="dense", ctx=ctx)
+    assert calls == [] and ctx.details["materialised_tt_layers"] == []
+    linear = nn.Linear(64, 10)
+    subclass = nn.Sequential(nn.Flatten(), MyTT.from_linear(linear, rank=2))
+    assert type(subclass[1]) is MyTT and isinstance(subclass[1], TTLinear)
+    ctx = StageContext.standalone("fp32", task)
+    export_onnx(subclass, tt_export="dense", ctx=ctx)
+    assert calls == ["dense"] and ctx.details["materialised_tt_layers"] == ["1"]
+    assert TTConv2d in export.TT_LAYERS
+
+
+def test_parity_check_never_reads_the_test_split(trained, task, monkeypatch):
+    reads: list[str] = []
+    arrays = data.Task.arrays
+
+    def spy(self: data.Task, split: str = "test"):
+        reads.append(split)
+        return arrays(self, split)
+
+    monkeypatch.setattr(data.Task, "arrays", spy)
+    model = models.cnn(width=16, hidden=64).build((1, 8, 8), 10).eval()
+    model.load_state_dict(trained.state_dict())
+    model.classifier.fc1 = TTLinear.from_linear(model.classifier.fc1, rank=4)
+    ctx = StageContext.standalone("fp32", task)
+    export_onnx(model, tt_export="auto", ctx=ctx)  # auto times each TT layer
+    assert reads and "test" not in reads, reads
+    assert ctx.details["parity_split"] == "val"
 
 
 def test_tt_layers_export_factorized_or_dense(trained, task):
