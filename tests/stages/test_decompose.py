@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from kdcompress import Pipeline, models
 from kdcompress.context import StageContext
 from kdcompress.data import from_tensors
-from kdcompress.errors import LayerError
-from kdcompress.layers.tensorize import tensorize
-from kdcompress.layers.tt import TTConv2d, TTLinear
+from kdcompress.declare import spec_of
+from kdcompress.errors import LayerError, PipelineError
+from kdcompress.layers import TTConv2d, TTLinear, tensorize
+from kdcompress.stages import train
 from kdcompress.stages.decompose import decompose_tt
 
 
@@ -105,9 +109,55 @@ def test_errors_name_layer_and_fix(net: Net) -> None:
     with pytest.raises(LayerError, match="no layer 'fc3'. Did you mean 'fc2'"):
         decompose_tt(net, layers=["fc3"])
     with pytest.raises(LayerError, match=r"'fc1' \(Linear with weight \(128, 1024\)\).*>= 1"):
-        decompose_tt(net, rank=0, layers=["fc1"])
+        tensorize(net, rank=0, layers=["fc1"])
     with pytest.raises(LayerError, match="method must be one of"):
-        decompose_tt(net, method="cp")
+        tensorize(net, method="cp")
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(LayerError, match="groups=2"):
         decompose_tt(grouped, layers=[nn.Conv2d])
+
+
+RANK_RULE = "rank must be an integer >= 1 or a list of them (one per inner TT rank), but got "
+BAD_SETTINGS = [
+    ({"rank": 0}, RANK_RULE + "0"),
+    ({"rank": [4, 0, 4]}, RANK_RULE + "[4, 0, 4]"),
+    ({"rank": []}, RANK_RULE + "[]"),
+    ({"rank": 2.5}, RANK_RULE + "2.5"),
+    ({"rank": True}, RANK_RULE + "True"),
+    ({"tol": 1.5}, "tol must be < 1, but got 1.5"),
+    ({"tol": -0.1}, "tol must be >= 0, but got -0.1"),
+    ({"ratio": 0.5}, "ratio must be > 1, but got 0.5"),
+    ({"ratio": "5x"}, "ratio must be a number, got '5x'"),
+    ({"method": "tuker"}, "method must be one of 'tt', 'svd', 'tucker', but got 'tuker'. "
+                          "Did you mean 'tucker'?"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_SETTINGS)
+def test_bad_setting_fails_at_declaration_and_on_direct_call(net: Net, kwargs: dict,
+                                                             message: str) -> None:
+    pipeline = Pipeline("p")
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    with pytest.raises(PipelineError,
+                       match=r"^stage 's' \(decompose_tt\): " + re.escape(message) + "$"):
+        pipeline.stage(decompose_tt, out="s", model=teacher, **kwargs)
+    assert "s" not in pipeline.stages
+    with pytest.raises(PipelineError, match="^decompose_tt: " + re.escape(message) + "$"):
+        decompose_tt(net, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 4}, {"rank": np.int64(4)}, {"rank": [2, 3]},
+                                    {"rank": (2, 3)}, {"rank": None}, {"tol": 0.0},
+                                    {"tol": 0.3}, {"ratio": 1.5}, {"ratio": 20},
+                                    {"method": "svd"}])
+def test_declaration_accepts_every_documented_form(kwargs: dict) -> None:
+    pipeline = Pipeline("p")
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    pipeline.stage(decompose_tt, out="s", model=teacher, **kwargs)
+    assert spec_of(decompose_tt).role == "decompose" and spec_of(decompose_tt).compresses
+
+
+def test_rank_list_on_a_direct_call_is_used(net: Net) -> None:
+    ctx = _ctx()
+    decompose_tt(net, rank=[2, 3], layers=["fc2"], ctx=ctx)
+    assert ctx.details["layers"][0]["ranks"] == [1, 2, 3, 1]
