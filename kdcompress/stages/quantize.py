@@ -15,15 +15,23 @@ Convolutions with a tiny reduction (``C_in * kh * kw < 32``, typically the first
 grey-scale or RGB images) are a special case: int8 kernels pad that dimension, and whether the
 int8 version beats fp32 depends on the layer's width (measured here: 1.7x slower with 16 output
 channels, 7% faster with 32). ``static`` mode therefore builds the graph both ways, times them side
-by side, and keeps the faster one (``kept_fp32`` in the report).
+by side, and keeps the faster one (``kept_fp32`` in the report). Calibration and this timing use
+training inputs (``Task.calibration``); the test split is never read here.
+
+ONNX Runtime's quantizer logs through the root logger (``WARNING:root:...``) and prints
+calibration progress; while it runs, all of that goes to the report as ``quantizer_log`` instead
+of the terminal, and the lines that mean a part of the graph was not quantized as asked become
+warnings of the stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +42,12 @@ from onnxruntime.quantization import CalibrationDataReader
 from kdcompress.artifacts import OnnxModel
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
+from kdcompress.declare import Choice, Int, check_arguments, stage
 from kdcompress.errors import StageError
 
-__all__ = ["quantize_onnx", "explain_slow_int8", "slow_int8_reasons", "quantized_nodes",
-           "small_convs", "cpu_int8_features", "QUANTIZE_MODES", "CALIBRATION_METHODS"]
+__all__ = ["quantize_onnx", "QuantizerLog", "explain_slow_int8", "slow_int8_reasons",
+           "quantized_nodes", "small_convs", "cpu_int8_features", "QUANTIZE_MODES",
+           "CALIBRATION_METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +59,18 @@ _INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInte
              "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 _CALIBRATION_BATCH = 64
 _MIN_CONV_REDUCTION = 32  # C_in * kh * kw below this: int8 may lose to fp32; timed
+_LOG_LIMIT = 100  # quantizer_log keeps this many lines, then counts the rest
+#: Quantizer messages that mean part of the graph is not quantized as asked: they become warnings.
+_LOG_MATTERS = ("not quantized", "skip to quantize", "failed", "exceeds the range",
+                "already quantized")
 
 
+@stage(role="quantize", checks={
+    "mode": Choice(QUANTIZE_MODES),
+    "calibration": Choice(CALIBRATION_METHODS),
+    "samples": Int(min=1),
+    "per_channel": Choice([True, False]),
+})
 def quantize_onnx(
     model: OnnxModel, *, mode: str = "static", calibration: str = "minmax", samples: int = 256,
     per_channel: bool = True, data: Task | None = None, ctx: StageContext | None = None,
@@ -66,7 +86,7 @@ def quantize_onnx(
     calibration : {"minmax", "entropy", "percentile"}
         How ``static`` mode turns observed activations into int8 ranges.
     samples : int
-        Number of training inputs used for calibration (``static`` mode).
+        Number of training inputs (>= 1) used for calibration (``static`` mode).
     per_channel : bool
         One scale per output channel of each weight (more accurate, as fast).
     data : Task, optional
@@ -78,14 +98,23 @@ def quantize_onnx(
         ``model.onnx`` in the stage's work folder, in QDQ format (``static``) or with
         ``MatMulInteger``/``DynamicQuantizeMatMul`` nodes (``dynamic``).
 
+    Raises
+    ------
+    PipelineError
+        A setting breaks its rule (unknown ``mode`` or ``calibration``, ``samples < 1``).
+    StageError
+        ``model`` is not an ONNX graph, or ONNX Runtime's quantizer failed.
+
     Examples
     --------
     >>> int8 = quantize_onnx(fp32, mode="static", samples=256, data=task)  # doctest: +SKIP
     >>> int8.size_bytes < fp32.size_bytes  # doctest: +SKIP
     True
     """
+    check_arguments(quantize_onnx, {"mode": mode, "calibration": calibration, "samples": samples,
+                                    "per_channel": per_channel})
+    _check_model(model)
     ctx = resolve_context(ctx, "quantize_onnx", data)
-    _check_arguments(model, mode, calibration, samples)
     np.random.seed(ctx.seed)
     torch.manual_seed(ctx.seed)
     workdir = Path(ctx.workdir)
@@ -96,20 +125,24 @@ def quantize_onnx(
     ctx.record("mode", mode)
 
     prepared = workdir / "preprocessed.onnx"
-    _preprocess(model.path, prepared, ctx)
+    qlog = QuantizerLog()
+    _preprocess(model.path, prepared, ctx, qlog)
     path = workdir / GRAPH_FILE
     try:
         if mode == "static":
-            _quantize_static_fastest(prepared, path, ctx, calibration, samples, per_channel)
+            _quantize_static_fastest(prepared, path, ctx, qlog, calibration, samples, per_channel)
             ctx.record("format", "QDQ")
             ctx.record("calibration", calibration)
             ctx.record("calibration_samples", min(samples, len(ctx.data.train)))  # type: ignore
         else:
-            _quantize_dynamic(prepared, path, per_channel)
+            _quantize_dynamic(prepared, path, qlog, per_channel)
             ctx.record("format", "QOperator (dynamic)")
     finally:
         prepared.unlink(missing_ok=True)
         prepared.with_name(prepared.name + ".data").unlink(missing_ok=True)
+        ctx.record("quantizer_log", qlog.lines())
+    for line in qlog.important():
+        ctx.warn(f"ONNX Runtime's quantizer: {line}")
     ctx.record("per_channel", per_channel)
     result = OnnxModel(path)
     counts = quantized_nodes(result)
@@ -130,17 +163,10 @@ def quantize_onnx(
 # steps
 
 
-def _check_arguments(model: Any, mode: str, calibration: str, samples: int) -> None:
+def _check_model(model: Any) -> None:
     if not isinstance(model, OnnxModel):
         raise StageError(f"quantize_onnx: expects an ONNX model (the output of export_onnx), but "
                          f"got {type(model).__name__}; add an export_onnx stage before it")
-    if mode not in QUANTIZE_MODES:
-        raise StageError(f"quantize_onnx: mode must be one of {QUANTIZE_MODES}, but got '{mode}'")
-    if calibration not in CALIBRATION_METHODS:
-        raise StageError(f"quantize_onnx: calibration must be one of {CALIBRATION_METHODS}, but "
-                         f"got '{calibration}'")
-    if samples < 1:
-        raise StageError(f"quantize_onnx: samples must be >= 1, but got {samples}")
 
 
 def _op_types(model: OnnxModel) -> set[str]:
@@ -150,16 +176,18 @@ def _op_types(model: OnnxModel) -> set[str]:
     return {node.op_type for node in proto.graph.node}
 
 
-def _preprocess(source: Path, target: Path, ctx: StageContext) -> None:
+def _preprocess(source: Path, target: Path, ctx: StageContext, qlog: QuantizerLog) -> None:
     """``quant_pre_process``: shape inference and fp32 graph optimisation before quantizing."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
+        with qlog.capture():
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
     except Exception as exc:  # symbolic shape inference fails on some graphs; ONNX's is enough
         log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
         try:
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+            with qlog.capture():
+                quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
         except Exception as exc2:
             ctx.warn(f"quant_pre_process failed ({type(exc2).__name__}: {exc2}); quantizing the "
                      "graph as exported")
@@ -180,19 +208,19 @@ class _Calibration(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def _quantize_static_fastest(source: Path, target: Path, ctx: StageContext, calibration: str,
-                             samples: int, per_channel: bool) -> None:
+def _quantize_static_fastest(source: Path, target: Path, ctx: StageContext, qlog: QuantizerLog,
+                             calibration: str, samples: int, per_channel: bool) -> None:
     """Static QDQ; with small-reduction convs, also without quantizing them, keeping the faster."""
     import onnx
 
     small = small_convs(onnx.load(str(source), load_external_data=False))
-    _quantize_static(source, target, ctx, calibration, samples, per_channel, exclude=[])
+    _quantize_static(source, target, ctx, qlog, calibration, samples, per_channel, exclude=[])
     ctx.record("kept_fp32", [])
     if not small:
         return
     alternative = target.with_name("small_convs_fp32.onnx")
     try:
-        _quantize_static(source, alternative, ctx, calibration, samples, per_channel,
+        _quantize_static(source, alternative, ctx, qlog, calibration, samples, per_channel,
                          exclude=small)
         x = ctx.data.calibration(_CALIBRATION_BATCH, seed=ctx.seed).float().numpy()
         t_all, t_mixed = _side_by_side([OnnxModel(target), OnnxModel(alternative)], x, 1.0)
@@ -208,8 +236,9 @@ def _quantize_static_fastest(source: Path, target: Path, ctx: StageContext, cali
         alternative.unlink(missing_ok=True)
 
 
-def _quantize_static(source: Path, target: Path, ctx: StageContext, calibration: str,
-                     samples: int, per_channel: bool, *, exclude: list[str]) -> None:
+def _quantize_static(source: Path, target: Path, ctx: StageContext, qlog: QuantizerLog,
+                     calibration: str, samples: int, per_channel: bool, *,
+                     exclude: list[str]) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -220,26 +249,134 @@ def _quantize_static(source: Path, target: Path, ctx: StageContext, calibration:
     x = ctx.data.calibration(samples, seed=ctx.seed)
     reader = _Calibration(input_name, x, _CALIBRATION_BATCH)
     try:
-        quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=None, per_channel=per_channel,
-                        nodes_to_exclude=exclude,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=method,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        with qlog.capture():
+            quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=None, per_channel=per_channel,
+                            nodes_to_exclude=exclude,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=method,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     except Exception as exc:
         raise StageError(f"quantize_onnx: static quantization failed: {type(exc).__name__}: "
                          f"{exc}") from exc
 
 
-def _quantize_dynamic(source: Path, target: Path, per_channel: bool) -> None:
+def _quantize_dynamic(source: Path, target: Path, qlog: QuantizerLog, per_channel: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"],
-                         per_channel=per_channel, weight_type=QuantType.QInt8)
+        with qlog.capture():
+            quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"],
+                             per_channel=per_channel, weight_type=QuantType.QInt8)
     except Exception as exc:
         raise StageError(f"quantize_onnx: dynamic quantization failed: {type(exc).__name__}: "
                          f"{exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime's quantizer output: into the report, not the terminal
+
+
+class _LineStream(io.TextIOBase):
+    """A text stream that hands each complete line written to it to ``sink``."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        super().__init__()
+        self._sink = sink
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._sink(line)
+        return len(text)
+
+    def close(self) -> None:
+        if self._partial:
+            self._sink(self._partial)
+            self._partial = ""
+        super().close()
+
+
+class QuantizerLog(logging.Handler):
+    """What ONNX Runtime's quantizer logs and prints while :meth:`capture` is active, in order.
+
+    The quantizer logs with ``logging.warning(...)`` on the root logger, which also installs a
+    stderr handler for good (``logging.basicConfig``) when the root logger has none, and it prints
+    calibration progress. Inside :meth:`capture`, records created on the root logger are diverted
+    here by a filter on that logger (so no handler, the application's or pytest's, sees them),
+    the ``onnxruntime`` loggers stop propagating, a ``NullHandler`` keeps ``basicConfig`` from
+    running, and ``sys.stdout`` / ``sys.stderr`` are redirected; all of it is undone on exit.
+    Records of other loggers (kdcompress's own) are not touched.
+
+    Examples
+    --------
+    >>> qlog = QuantizerLog()
+    >>> with qlog.capture():
+    ...     logging.warning("Please consider pre-processing")
+    ...     print("Collecting tensor data ...")
+    >>> qlog.lines()
+    ['WARNING root: Please consider pre-processing', 'Collecting tensor data ...']
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self._lines: list[str] = []
+        self._important: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"{record.levelname} {record.name}: {record.getMessage()}"
+        self._add(line, important=record.levelno >= logging.ERROR)
+
+    def _add(self, line: str, important: bool = False) -> None:
+        line = line.rstrip()
+        if not line.strip():
+            return
+        self._lines.append(line)
+        lower = line.lower()
+        if (important or any(m in lower for m in _LOG_MATTERS)) and line not in self._important:
+            self._important.append(line)
+
+    def lines(self) -> list[str]:
+        """Every captured line, the first ``_LOG_LIMIT`` of them and a count of the rest."""
+        if len(self._lines) <= _LOG_LIMIT:
+            return list(self._lines)
+        return [*self._lines[:_LOG_LIMIT], f"... {len(self._lines) - _LOG_LIMIT} more lines"]
+
+    def important(self) -> list[str]:
+        """The distinct lines that say part of the graph was not quantized as asked, or errors."""
+        return list(self._important)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[QuantizerLog]:
+        """Route the quantizer's output here for the duration; restore logging state after."""
+        root = logging.getLogger()
+        ort = logging.getLogger("onnxruntime")
+
+        def divert(record: logging.LogRecord) -> bool:
+            self.handle(record)
+            return False
+
+        guard = logging.NullHandler()
+        propagate = ort.propagate
+        root.addFilter(divert)
+        root.addHandler(guard)
+        ort.addHandler(self)
+        ort.propagate = False
+        out, err = _LineStream(self._add), _LineStream(self._add)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                yield self
+        finally:
+            out.close()
+            err.close()
+            ort.propagate = propagate
+            ort.removeHandler(self)
+            root.removeHandler(guard)
+            root.removeFilter(divert)
 
 
 # ----------------------------------------------------------------------------------------------
