@@ -17,17 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from kdcompress.errors import ArtifactError, KDCompressError
+from kdcompress.errors import ArtifactError, InputError
 
 __all__ = ["OnnxClassifier", "InputError", "default_providers"]
 
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
 }
-
-
-class InputError(KDCompressError, ValueError):
-    """An input does not match what the graph expects (shape, dtype, type)."""
 
 
 def default_providers() -> list[str]:

@@ -19,6 +19,8 @@ __all__ = [
     "DivergedError",
     "StoreError",
     "RunFolderLocked",
+    "CorruptStage",
+    "InputError",
     "RunFailed",
     "UsageError",
     "did_you_mean",
@@ -63,6 +65,15 @@ class StoreError(KDCompressError):
 
 class RunFolderLocked(StoreError):
     """Another live run holds the run folder's lock (and this run was told not to wait)."""
+
+
+class CorruptStage(StoreError):
+    """A stage folder whose fingerprint matches but whose files cannot be trusted; the stage is
+    recomputed with a warning that names the file."""
+
+
+class InputError(KDCompressError, ValueError):
+    """An input does not match what a deployed graph expects (shape, dtype, type)."""
 
 
 class RunFailed(StageError):

@@ -33,7 +33,14 @@ from kdcompress.artifacts import OnnxModel, load_module
 from kdcompress.context import StageContext
 from kdcompress.data import Task, digits
 from kdcompress.declare import spec_of
-from kdcompress.errors import PipelineError, RunFailed, StageError, StoreError, did_you_mean
+from kdcompress.errors import (
+    CorruptStage,
+    PipelineError,
+    RunFailed,
+    StageError,
+    StoreError,
+    did_you_mean,
+)
 from kdcompress.fingerprint import stage_fingerprint
 from kdcompress.metrics import MeasureConfig
 from kdcompress.models import ModelSpec
@@ -42,7 +49,7 @@ from kdcompress.options import RunOptions
 from kdcompress.pipeline import Pipeline, Stage
 from kdcompress.progress import NullProgress, Progress, StageFinished
 from kdcompress.report import Report
-from kdcompress.store import Corrupt, Entry, RunStore
+from kdcompress.store import Entry, RunStore
 
 __all__ = ["Runner", "run"]
 
@@ -181,7 +188,7 @@ class Runner:
             return None  # recomputed upstream: everything downstream is recomputed too
         try:
             entry = self.store.lookup(stage.name, fingerprint)
-        except Corrupt as exc:
+        except CorruptStage as exc:
             self._warn(stage.name, f"{exc}: recomputing {stage.name}")
             return None
         if entry is None:
@@ -195,7 +202,7 @@ class Runner:
     def _load(self, entry: Entry) -> Any | None:
         try:
             return self.store.load(entry, trusted_modules=self.trusted_modules)
-        except Corrupt as exc:
+        except CorruptStage as exc:
             self._warn(entry.name, f"{exc}: recomputing {entry.name}")
             return None
 

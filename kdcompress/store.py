@@ -10,9 +10,10 @@ Layout::
 
 A stage folder is used only when its ``meta.json`` parses, names the fingerprint asked for, and
 every file it lists is inside the folder (no absolute path, no ``..``, no symlink leading out) with
-the SHA-256 recorded when it was written; anything else is reported as a :class:`Corrupt` reason and
-the stage is recomputed. Nothing is imported or unpickled from the folder: torch weights are
-safetensors and module recipes may only name trusted classes (:mod:`kdcompress.artifacts`).
+the SHA-256 recorded when it was written; anything else raises
+:class:`~kdcompress.errors.CorruptStage` and the stage is recomputed. Nothing is imported or
+unpickled from the folder: torch weights are safetensors and module recipes may only name trusted
+classes (:mod:`kdcompress.artifacts`).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from typing import Any
 from torch import nn
 
 from kdcompress.artifacts import OnnxModel, load_module, save_module
-from kdcompress.errors import ArtifactError, RunFolderLocked, StoreError
+from kdcompress.errors import ArtifactError, CorruptStage, RunFolderLocked, StoreError
 from kdcompress.fsutil import strict_json
 
-__all__ = ["RunStore", "Entry", "Corrupt", "META_FILE", "ONNX_FILE"]
+__all__ = ["RunStore", "Entry", "META_FILE", "ONNX_FILE"]
 
 log = logging.getLogger(__name__)
 META_FILE = "meta.json"
@@ -93,10 +94,6 @@ class Entry:
     def digest(self) -> str:
         """Hash of the artifact's files: what downstream stages record having read."""
         return str(self.meta["digest"])
-
-
-class Corrupt(Exception):
-    """A stage folder with the right fingerprint that cannot be trusted; the text says why."""
 
 
 class RunStore:
@@ -210,7 +207,7 @@ class RunStore:
 
         Raises
         ------
-        Corrupt
+        CorruptStage
             The folder has the fingerprint but a file was changed, removed, added outside the
             folder or is otherwise not what was written; the message names the file.
         """
@@ -220,36 +217,37 @@ class RunStore:
         folder = self.stage_dir / name
         where = f"stages/{name}"
         if folder.is_symlink() or folder.resolve().parent != self.stage_dir.resolve():
-            raise Corrupt(f"{where} leads outside the run folder")
+            raise CorruptStage(f"{where} leads outside the run folder")
         files = meta.get("files")
         if not isinstance(files, dict) or not files or not isinstance(meta.get("digest"), str):
-            raise Corrupt(f"{where}/{META_FILE} lists no file checksums")
+            raise CorruptStage(f"{where}/{META_FILE} lists no file checksums")
         for file, expected in files.items():
             path = self._inside(folder, file, where)
             if not path.is_file():
-                raise Corrupt(f"{where}/{file} is missing")
+                raise CorruptStage(f"{where}/{file} is missing")
             if file_sha256(path) != expected:
-                raise Corrupt(f"{where}/{file} changed since it was written")
+                raise CorruptStage(f"{where}/{file} changed since it was written")
         if meta.get("format") == "onnx":
             file = meta.get("file")
             if file not in files:
-                raise Corrupt(f"{where}/{META_FILE} names an ONNX file it does not checksum: "
+                raise CorruptStage(f"{where}/{META_FILE} names an ONNX file it does not checksum: "
                               f"{file!r}")
         elif meta.get("format") != "torch":
-            raise Corrupt(f"{where}/{META_FILE} has an unknown format {meta.get('format')!r}")
+            raise CorruptStage(f"{where}/{META_FILE} has an unknown format "
+                               f"{meta.get('format')!r}")
         if _digest(files) != meta["digest"]:
-            raise Corrupt(f"{where}/{META_FILE} digest does not match its files")
+            raise CorruptStage(f"{where}/{META_FILE} digest does not match its files")
         return Entry(name, folder, meta)
 
     @staticmethod
     def _inside(folder: Path, file: Any, where: str) -> Path:
         if (not isinstance(file, str) or not file or file in (".", "..") or "/" in file
                 or "\\" in file or os.path.isabs(file)):
-            raise Corrupt(f"{where}/{META_FILE} names {file!r}, which is not a plain file name "
-                          "inside the stage folder")
+            raise CorruptStage(f"{where}/{META_FILE} names {file!r}, which is not a plain file "
+                               "name inside the stage folder")
         path = folder / file
         if path.is_symlink() or path.resolve().parent != folder.resolve():
-            raise Corrupt(f"{where}/{file} is a link leading outside the stage folder")
+            raise CorruptStage(f"{where}/{file} is a link leading outside the stage folder")
         return path
 
     def load(self, entry: Entry, *, trusted_modules: Collection[str] | None = None) -> Any:
@@ -257,7 +255,7 @@ class RunStore:
 
         Raises
         ------
-        Corrupt
+        CorruptStage
             The files verify but do not load (a recipe naming an untrusted class, bad weights).
         """
         try:
@@ -267,10 +265,10 @@ class RunStore:
                 return model
             return load_module(entry.folder, trusted_modules=trusted_modules)
         except (ArtifactError, OSError, ValueError) as exc:
-            raise Corrupt(f"stages/{entry.name} cannot be loaded: {exc}") from exc
+            raise CorruptStage(f"stages/{entry.name} cannot be loaded: {exc}") from exc
         except Exception as exc:  # onnx's DecodeError and friends: a file that does not parse
-            raise Corrupt(f"stages/{entry.name} cannot be loaded: {type(exc).__name__}: "
-                          f"{exc}") from exc
+            raise CorruptStage(f"stages/{entry.name} cannot be loaded: {type(exc).__name__}: "
+                               f"{exc}") from exc
 
     # -- writing ----------------------------------------------------------------------------
 
