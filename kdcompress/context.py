@@ -19,12 +19,16 @@ import torch
 
 from kdcompress.data import Task
 
-__all__ = ["StageContext", "ProgressFn"]
+__all__ = ["StageContext", "ProgressFn", "EpochFn"]
 
 log = logging.getLogger(__name__)
 
 #: ``progress(description, completed, total, info)``: called once per epoch by training stages.
 ProgressFn = Callable[[str, int, int, str], None]
+#: ``on_epoch(epoch, metrics)``: called after each training epoch with its validation metrics
+#: (``{"val_accuracy": ..., "loss": ...}``); it may raise to stop the stage (a search stops a
+#: trial that is clearly behind this way).
+EpochFn = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -49,6 +53,10 @@ class StageContext:
         fill it with :meth:`record`.
     warnings : list of str
         Messages shown in the terminal and the report; add with :meth:`warn`.
+    progress : callable, optional
+        Draws the progress bar (:meth:`report_epoch` calls it).
+    on_epoch : callable, optional
+        Receives each epoch's validation metrics (:meth:`epoch_end` calls it).
     """
 
     name: str
@@ -59,6 +67,7 @@ class StageContext:
     details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     progress: ProgressFn | None = None
+    on_epoch: EpochFn | None = None
 
     @classmethod
     def standalone(cls, name: str, data: Task, *, device: str | torch.device = "cpu",
@@ -82,6 +91,15 @@ class StageContext:
             self.progress(description, completed, total, info)
         else:
             log.info("%s %s %d/%d %s", self.name, description, completed, total, info)
+
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Tell the run that training epoch ``epoch`` (1-based) ended with ``metrics``.
+
+        Exceptions raised by the receiver propagate: the stage stops and nothing of it is cached.
+        """
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, metrics)
 
 
 def resolve_context(ctx: StageContext | None, name: str, data: Task | None,

@@ -78,6 +78,10 @@ class Progress:
         """A function the stage calls after each epoch, or ``None``."""
         return None
 
+    def epoch_end(self, name: str, epoch: int, metrics: dict[str, float]) -> None:
+        """Training epoch ``epoch`` of stage ``name`` ended with these validation metrics; raise
+        to stop the stage."""
+
     def stage_finished(self, event: StageFinished) -> None:
         """A stage completed (``event.row`` is set once measured)."""
 

@@ -286,7 +286,9 @@ class Runner:
         try:
             ctx = StageContext(name=stage.name, data=self.task, device=self.device,
                                seed=self.pipeline.seed, workdir=tmp,
-                               progress=self.progress.epoch_callback(stage.name))
+                               progress=self.progress.epoch_callback(stage.name),
+                               on_epoch=lambda epoch, metrics, name=stage.name: self._emit(
+                                   "epoch_end", name, epoch, metrics))
             kwargs = self._resolve(stage)
             params = inspect.signature(stage.fn).parameters
             if "data" in params:
