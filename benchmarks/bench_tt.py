@@ -30,7 +30,7 @@ import time
 import torch
 from torch import nn
 
-from kdcompress.layers.tt import TTLinear, _max_ranks, choose_modes
+from kdcompress.layers import TTLinear, choose_modes, max_ranks
 
 try:
     import tltorch
@@ -43,7 +43,7 @@ def tt_layer(n_in: int, n_out: int, target: float) -> TTLinear:
     """The TTLinear with the largest uniform rank whose compression is at least ``target``."""
     in_modes, out_modes = choose_modes(n_in, n_out)
     sizes = [m * n for m, n in zip(out_modes, in_modes, strict=True)]
-    caps = _max_ranks(sizes)
+    caps = max_ranks(sizes)
     best = None
     for rank in range(1, 512):
         ranks = [min(rank, c) for c in caps]
