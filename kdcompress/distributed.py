@@ -1,8 +1,9 @@
 """Data-parallel training under ``torchrun``: process group, sharded loaders, DDP wrapping.
 
-``torchrun --nproc-per-node N -m kdcompress run FILE`` starts N processes. Stages that declare
-themselves data-parallel (``train``, ``distill``: ``fn.distributed = True``) run on every process
-with :class:`~torch.nn.parallel.DistributedDataParallel` and a
+``torchrun --nproc-per-node N -m kdcompress run FILE`` starts N processes. Stages declared
+data-parallel (``@stage(distributed=True)`` in :mod:`kdcompress.declare`: ``train``, ``distill``,
+``prune``) run on every process, training through :func:`kdcompress.training.fit` with
+:class:`~torch.nn.parallel.DistributedDataParallel` and a
 :class:`~torch.utils.data.DistributedSampler`; every other stage runs on rank 0 while the others
 wait. Rank 0 alone writes artifacts and reports. Gloo on the CPU, NCCL on CUDA.
 Outside ``torchrun`` every function here is a no-op.
@@ -11,19 +12,15 @@ Outside ``torchrun`` every function here is a no-op.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "barrier",
-           "all_gather", "wrap", "sharded_loader", "average_gradients",
-           "data_parallel"]
-
-F = TypeVar("F", bound=Callable[..., Any])
+           "all_gather", "mean", "wrap", "sharded_loader", "average_gradients"]
 
 
 def is_distributed() -> bool:
@@ -87,6 +84,21 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over every process (``value`` itself outside torchrun).
+
+    Every process must call it at the same point: a per-step loss, so that all of them see the
+    same number (and stop together when it is not finite).
+    """
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel(model)`` under torchrun, ``model`` otherwise."""
     if not is_distributed():
@@ -120,8 +132,3 @@ def average_gradients(params: Any) -> None:
             dist.all_reduce(p.grad)
             p.grad /= size
 
-
-def data_parallel(fn: F) -> F:
-    """Mark a stage function as data-parallel: under torchrun every process runs it."""
-    fn.distributed = True  # type: ignore[attr-defined]
-    return fn

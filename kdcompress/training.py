@@ -1,23 +1,450 @@
-"""Training-loop pieces shared by the stages that train (``train``, ``distill``, ``prune``)."""
+"""One training loop, :func:`fit`, for ``train``, ``distill``, ``prune``'s recovery and your stages.
+
+The loss is a parameter: ``loss_fn(net, x, y)`` returns a scalar tensor, or a scalar and a dict of
+named parts shown in the progress bar. Everything else is the same for every caller: the
+optimiser and its learning-rate schedule (:class:`FitConfig`), gradient clipping, mixed precision
+on CUDA, data-parallel sharding under ``torchrun``, a finiteness check of the loss at every step
+(:class:`~kdcompress.errors.DivergedError` at the first NaN or inf), and the validation accuracy
+after every epoch, sent to the progress bar, to the run's observers (``ctx.epoch_end``) and to an
+``on_epoch`` callback that may stop the run.
+
+>>> import torch.nn.functional as F
+>>> from kdcompress import data, models
+>>> task = data.digits()
+>>> model = models.cnn(width=8).build(task.input_shape, task.num_classes)
+>>> result = fit(model, lambda net, x, y: F.cross_entropy(net(x), y), task,
+...              config=FitConfig(epochs=1))  # doctest: +SKIP
+>>> result.val_accuracy  # doctest: +SKIP
+0.74
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+from kdcompress import distributed
+from kdcompress.context import StageContext
 from kdcompress.data import Task
+from kdcompress.declare import Check, Choice, Float, Int
+from kdcompress.errors import DivergedError, StageError
 
-__all__ = ["make_optimizer", "accuracy", "predict_logits"]
+__all__ = ["fit", "FitConfig", "FitResult", "EpochStats", "LossFn", "OPTIMIZERS", "SCHEDULES",
+           "FIT_CHECKS", "make_optimizer", "accuracy", "predict_logits"]
+
+#: ``"adamw"`` (AdamW) or ``"sgd"`` (momentum 0.9, Nesterov).
+OPTIMIZERS = ("adamw", "sgd")
+#: ``"cosine"`` decay to zero over the run, ``"constant"``, or ``"onecycle"`` (Smith & Topin,
+#: "Super-Convergence", 2019: warm-up to ``lr`` then annealing); all stepped once per batch.
+SCHEDULES = ("cosine", "constant", "onecycle")
+
+#: Rules for the optimisation settings; the training stages declare them for their keywords too.
+FIT_CHECKS: dict[str, Check] = {
+    "epochs": Int(min=0),
+    "lr": Float(gt=0),
+    "batch_size": Int(min=1),
+    "weight_decay": Float(ge=0),
+    "optimizer": Choice(OPTIMIZERS),
+    "schedule": Choice(SCHEDULES),
+    "grad_clip": Float(gt=0, optional=True),
+}
+
+#: ``loss_fn(net, x, y)`` (or ``loss_fn(net, x, y, index)`` with ``with_index=True``) returns the
+#: loss, or ``(loss, {"part": tensor, ...})``.
+LossFn = Callable[..., "Tensor | tuple[Tensor, Mapping[str, Tensor]]"]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Optimisation settings of one :func:`fit` run.
+
+    Parameters
+    ----------
+    epochs : int
+        Passes over the training split (0 trains nothing).
+    lr : float
+        Peak learning rate.
+    batch_size : int
+        Samples per step (per process under ``torchrun``).
+    weight_decay : float
+        Decoupled weight decay (AdamW) or L2 penalty (SGD).
+    optimizer : {"adamw", "sgd"}
+        See :data:`OPTIMIZERS`.
+    schedule : {"cosine", "constant", "onecycle"}
+        See :data:`SCHEDULES`.
+    grad_clip : float, optional
+        Clip the global gradient norm to this value before each step.
+    amp : bool
+        Automatic mixed precision (float16 autocast with a gradient scaler) when training on
+        CUDA; ignored on the CPU.
+
+    Raises
+    ------
+    StageError
+        A setting breaks its rule (:data:`FIT_CHECKS`), e.g. ``lr must be > 0, but got 0``.
+    """
+
+    epochs: int = 10
+    lr: float = 2e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    grad_clip: float | None = None
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        for key, check in {**FIT_CHECKS, "amp": Choice([True, False])}.items():
+            problem = check(key, getattr(self, key))
+            if problem:
+                raise StageError(f"FitConfig: {problem}")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch did: mean training loss (and its parts) and the validation accuracy."""
+
+    epoch: int
+    loss: float
+    val_accuracy: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        """``{"epoch", "loss", "val_accuracy"}`` for a report (JSON)."""
+        return {"epoch": self.epoch, "loss": self.loss, "val_accuracy": self.val_accuracy}
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The outcome of :func:`fit`.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The trained model (the one passed in, trained in place), in eval mode.
+    history : list of EpochStats
+        One entry per completed epoch.
+    split : str
+        The split ``val_accuracy`` is measured on (``data.eval_split``: ``"val"`` when there is
+        one, else ``"train"``).
+    steps : int
+        Optimisation steps taken.
+    stopped_early : bool
+        Whether ``on_epoch`` stopped the run before its last epoch.
+    """
+
+    model: nn.Module
+    history: list[EpochStats]
+    split: str
+    steps: int
+    stopped_early: bool = False
+
+    @property
+    def final_loss(self) -> float:
+        """Mean training loss of the last epoch (NaN when no epoch ran)."""
+        return self.history[-1].loss if self.history else math.nan
+
+    @property
+    def val_accuracy(self) -> float:
+        """Accuracy on :attr:`split` after the last epoch (NaN when no epoch ran)."""
+        return self.history[-1].val_accuracy if self.history else math.nan
+
+
+def fit(
+    model: nn.Module, loss_fn: LossFn, data: Task, *, config: FitConfig | None = None,
+    ctx: StageContext | None = None, params: Iterable[nn.Parameter] = (),
+    with_index: bool = False, on_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
+    description: str = "train", data_parallel: bool = False,
+) -> FitResult:
+    """Train ``model`` in place on ``data``'s training split by minimising ``loss_fn``.
+
+    Each step: ``loss_fn`` under autocast (CUDA with ``config.amp``), a finiteness check, the
+    backward pass, the gradients of ``params`` averaged across processes, gradient clipping, the
+    optimiser and schedule steps, then ``on_step``. After each epoch the accuracy on
+    ``data.eval_split`` goes to the progress bar (``ctx.report_epoch``), to the run's observers
+    (``ctx.epoch_end``) and to ``on_epoch``. With ``data_parallel`` under ``torchrun`` the model
+    is wrapped in DistributedDataParallel and every process trains on its shard. A last batch
+    smaller than half ``batch_size`` is dropped (a batch of one breaks BatchNorm; relation losses
+    need several samples).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained in place (copy it first to keep the original) and moved to ``ctx.device``.
+        Parameters with ``requires_grad=False`` stay as they are.
+    loss_fn : callable
+        ``loss_fn(net, x, y)`` returning a scalar tensor or ``(scalar, {"name": tensor})``;
+        ``net`` is ``model`` or its DDP wrapper: call it, not ``model``, for the forward pass.
+        With ``with_index=True`` it is called as ``loss_fn(net, x, y, index)``, ``index`` the
+        positions of the batch's samples in the training split (to cache per-sample targets).
+    data : Task
+        Trains on ``data.split("train")``, measures on ``data.eval_split``.
+    config : FitConfig, optional
+        Optimisation settings; ``FitConfig()`` by default.
+    ctx : StageContext, optional
+        The calling stage's context: its name (used in errors), device, seed and progress bar.
+        A standalone CPU context named ``description`` when not given.
+    params : iterable of nn.Parameter
+        Extra parameters optimised with the model's, e.g. a distillation loss's adapters.
+    with_index : bool
+        Pass the samples' indices to ``loss_fn``.
+    on_step : callable, optional
+        ``on_step(step)`` after each optimiser step, ``step`` counting from 1 (an EMA update).
+    on_epoch : callable, optional
+        ``on_epoch(epoch, metrics)`` after each epoch, ``epoch`` counting from 1 and ``metrics``
+        holding ``"loss"``, the loss parts and ``"val_accuracy"`` (on ``data.eval_split``), as
+        ``ctx.epoch_end`` receives them. Return ``True`` to stop training after this epoch
+        (``FitResult.stopped_early``, the model is kept); an exception it raises (a search's
+        ``optuna.TrialPruned``) propagates out of ``fit`` unchanged and abandons the run.
+    description : str
+        What the progress bar shows for this run (``"train"``, ``"distill"``).
+    data_parallel : bool
+        Every process of a ``torchrun`` job calls ``fit`` at this point (the calling stage is
+        declared ``@stage(distributed=True)``): train with DistributedDataParallel on shards of
+        the data. Leave it ``False`` in a stage that runs on rank 0 alone. No effect outside
+        ``torchrun``.
+
+    Returns
+    -------
+    FitResult
+        The model, the per-epoch history and the number of steps.
+
+    Raises
+    ------
+    DivergedError
+        At the first step whose loss is NaN or infinite, naming the stage, epoch, step, loss and
+        the likely cause (inputs that are not finite, or the learning rate); the model's weights
+        are then unusable.
+    StageError
+        ``loss_fn`` returned something other than a scalar tensor, or nothing is trainable.
+    """
+    config = config or FitConfig()
+    ctx = ctx or StageContext.standalone(description, data)
+    parallel = data_parallel and distributed.is_distributed()
+    loop = _Loop(model, loss_fn, data, config, ctx, list(params), with_index, on_step, parallel)
+    split = data.eval_split
+    history: list[EpochStats] = []
+    stopped = False
+    for epoch in range(1, config.epochs + 1):
+        means = loop.epoch(epoch)
+        acc = accuracy(model, data, split, device=ctx.device)
+        history.append(EpochStats(epoch, means.pop("loss"), acc, means))
+        metrics = {"loss": history[-1].loss, **means}
+        info = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        ctx.report_epoch(description, epoch, config.epochs, f"{info} {split}_acc {acc:.4f}")
+        if _end_epoch(ctx, on_epoch, epoch, {**metrics, "val_accuracy": acc}, parallel) \
+                and epoch < config.epochs:
+            stopped = True
+            break
+    return FitResult(model.eval(), history, split, loop.steps, stopped)
+
+
+def _end_epoch(ctx: StageContext, on_epoch: Callable[[int, dict[str, float]], bool | None] | None,
+               epoch: int, metrics: dict[str, float], parallel: bool) -> bool:
+    """Tell the observers and ``on_epoch``; whether to stop. Processes decide together: an
+    exception on any of them stops all, rank 0's return value counts."""
+    error: BaseException | None = None
+    stop = False
+    try:
+        ctx.epoch_end(epoch, metrics)
+        stop = bool(on_epoch(epoch, metrics)) if on_epoch is not None else False
+    except Exception as exc:  # re-raised below, after the other processes know
+        error = exc
+    if not parallel:
+        if error is not None:
+            raise error
+        return stop
+    decisions = distributed.all_gather((error is not None, stop))
+    if error is not None:
+        raise error
+    if any(failed for failed, _ in decisions):
+        raise StageError(f"stage '{ctx.name}' stopped after epoch {epoch}: another process's "
+                         "epoch callback raised (see its error)")
+    return decisions[0][1]
+
+
+class _Loop:
+    """The optimiser, schedule, scaler and loader of one :func:`fit` run, and its step."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Task, config: FitConfig,
+                 ctx: StageContext, extra: list[nn.Parameter], with_index: bool,
+                 on_step: Callable[[int], None] | None, parallel: bool) -> None:
+        self.model, self.loss_fn, self.config, self.ctx = model, loss_fn, config, ctx
+        self.extra, self.with_index, self.on_step = extra, with_index, on_step
+        self.parallel = parallel
+        model.to(ctx.device)
+        self.trainable = [p for p in model.parameters() if p.requires_grad] + extra
+        if not self.trainable:
+            raise StageError(f"stage '{ctx.name}': nothing to train: no parameter of "
+                             f"{type(model).__name__} requires a gradient")
+        train_set: Dataset = data.split("train")
+        self.train_set = _Indexed(train_set) if with_index else train_set
+        per_epoch = len(self.loader(ctx.seed))
+        self.optimizer, self.scheduler = make_optimizer(self.trainable, config,
+                                                        total_steps=config.epochs * per_epoch)
+        self.amp = config.amp and ctx.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.net = distributed.wrap(model, ctx.device) if parallel else model
+        self.steps = 0
+
+    def loader(self, seed: int) -> DataLoader:
+        """A shuffled loader (of this process's shard when data-parallel); a last batch under
+        half ``batch_size`` is dropped."""
+        size = self.config.batch_size
+        make = distributed.sharded_loader if self.parallel else _plain_loader
+        loader = make(self.train_set, batch_size=size, seed=seed)
+        n = len(loader.sampler)  # type: ignore[arg-type]
+        if n > size and 0 < n % size < size / 2:
+            loader = make(self.train_set, batch_size=size, seed=seed, drop_last=True)
+        return loader
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch (counted from 1); the mean loss and parts over its samples."""
+        self.net.train()
+        sums: dict[str, float] = {}
+        count = 0
+        for i, batch in enumerate(self.loader(self.ctx.seed + epoch - 1), 1):
+            x, y = batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)
+            index = batch[2] if self.with_index else None
+            for name, value in self.step(x, y, index, epoch=epoch, step=i).items():
+                sums[name] = sums.get(name, 0.0) + value * len(x)
+            count += len(x)
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def step(self, x: Tensor, y: Tensor, index: Tensor | None, *, epoch: int,
+             step: int) -> dict[str, float]:
+        """One optimisation step; the loss (mean over processes) and its parts."""
+        args = (self.net, x, y) if index is None else (self.net, x, y, index)
+        with torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext():
+            value, parts = _as_loss(self.loss_fn(*args), self.ctx.name)
+        loss = _checked(value, self, epoch=epoch, step=step, x=x)
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(value) if self.scaler else value).backward()
+        if self.parallel:
+            distributed.average_gradients(self.extra)
+        if self.config.grad_clip is not None:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(self.steps)
+        return {"loss": loss, **{k: float(v.detach()) for k, v in parts.items()}}
 
 
 def make_optimizer(
-    params, *, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int,
+    params: Iterable[nn.Parameter], config: FitConfig, *, total_steps: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with a cosine learning-rate decay over the whole run (stepped once per batch)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = max(1, epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    """The optimiser and learning-rate schedule of ``config`` for a run of ``total_steps`` steps.
+
+    Examples
+    --------
+    >>> opt, sched = make_optimizer(nn.Linear(2, 2).parameters(), FitConfig(optimizer="sgd"),
+    ...                             total_steps=10)
+    >>> type(opt).__name__, opt.param_groups[0]["nesterov"]
+    ('SGD', True)
+    """
+    params = list(params)
+    if config.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = max(1, total_steps)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    if config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    elif config.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
+                                                        total_steps=total)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------------------------
+# batches, losses, divergence
+
+
+class _Indexed(Dataset):
+    """``(x, y, index)`` samples of a data set."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def _plain_loader(dataset: Dataset, *, batch_size: int, seed: int,
+                  drop_last: bool = False) -> DataLoader:
+    """All of ``dataset``, shuffled with its own seeded generator."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _as_loss(out: Any, stage: str) -> tuple[Tensor, Mapping[str, Tensor]]:
+    value, parts = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+    if not isinstance(value, Tensor) or value.numel() != 1 or not isinstance(parts, Mapping):
+        raise StageError(f"stage '{stage}': loss_fn must return a scalar tensor or (scalar, "
+                         f"dict of tensors), but returned {type(out).__name__}"
+                         + (f" of shape {tuple(value.shape)}" if isinstance(value, Tensor)
+                            else ""))
+    return value.reshape(()), parts
+
+
+def _checked(value: Tensor, loop: _Loop, *, epoch: int, step: int, x: Tensor) -> float:
+    """The loss as a float (its mean over processes); DivergedError when it is not finite."""
+    local = float(value.detach())
+    mean = float(distributed.mean(value.detach().float())) if loop.parallel else local
+    if math.isfinite(mean):
+        return mean
+    config = loop.config
+    where = (f"stage '{loop.ctx.name}' diverged at epoch {epoch}/{config.epochs}, step {step} "
+             f"(step {loop.steps + 1} of the run): the loss is {local}")
+    raise DivergedError(f"{where}. {_likely_cause(local, x, loop)}")
+
+
+def _likely_cause(local: float, x: Tensor, loop: _Loop) -> str:
+    config = loop.config
+    if math.isfinite(local):
+        return "It is finite here but not on another process: see that process's error"
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        return (f"Likely cause: the batch's inputs hold {bad} NaN/inf value(s); clean the data "
+                "(the learning rate is not at fault)")
+    if loop.steps == 0:
+        return ("Likely cause: the model or the loss function, since the loss is not finite "
+                "before any update and the inputs are finite; check the initial weights and "
+                "the loss")
+    weights = " (the weights are no longer finite)" if any(
+        not bool(torch.isfinite(p).all()) for p in loop.trainable) else ""
+    clip = "" if config.grad_clip is not None else " or clip gradients (grad_clip=1.0)"
+    fp16 = "; under mixed precision float16 may overflow too: try amp=False" if loop.amp else ""
+    return (f"Likely cause: the learning rate lr={config.lr:g} is too high{weights}; lower it "
+            f"(e.g. lr={config.lr / 10:g}){clip}{fp16}")
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
 
 
 @torch.no_grad()

@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
+from kdcompress.declare import Choice, Float, Int, check_arguments, spec_of, stage
 from kdcompress.errors import StageError, did_you_mean
+from kdcompress.layers.tt import TTConv2d, TTLinear
 from kdcompress.losses.functional import kd_loss
-from kdcompress.training import accuracy, make_optimizer
+from kdcompress.training import FitConfig, accuracy, fit
 
 __all__ = ["prune", "IMPORTANCES", "channel_counts", "kd_recovery_loss"]
 
@@ -38,18 +40,26 @@ log = logging.getLogger(__name__)
 #: expansion of the loss (gradients from a few training batches), LAMP (layer-adaptive
 #: magnitude, Lee et al., ICLR 2021).
 IMPORTANCES = ("magnitude", "l1", "l2", "taylor", "lamp")
+#: Taylor importance: gradients of this many training batches of 64.
 _TAYLOR_BATCHES = 4
-_BATCH_SIZE = 64
-_TEMPERATURE = 4.0
-_RECOVERY_LR = 3e-3
 
 
+@stage(role="prune", distributed=True, checks={
+    "ratio": Float(ge=0, lt=1),
+    "importance": Choice(IMPORTANCES),
+    "global_pruning": Choice([True, False]),
+    "iterative_steps": Int(min=1),
+    "recovery_epochs": Int(min=0),
+    "recovery_lr": Float(gt=0),
+    "recovery_batch_size": Int(min=1),
+    "round_to": Int(min=1, optional=True),
+})
 def prune(
     model: nn.Module, *, ratio: float = 0.3, importance: str = "magnitude",
-    global_pruning: bool = False, iterative_steps: int = 1, recovery_epochs: int = 0,
-    teacher: nn.Module | None = None, round_to: int | None = None,
-    ignored_layers: list[str] | None = None, data: Task | None = None,
-    ctx: StageContext | None = None,
+    global_pruning: bool = False, iterative_steps: int = 1, recovery_epochs: int = 3,
+    recovery_lr: float = 3e-3, recovery_batch_size: int = 64, teacher: nn.Module | None = None,
+    round_to: int | None = None, ignored_layers: list[str] | None = None,
+    data: Task | None = None, ctx: StageContext | None = None,
 ) -> nn.Module:
     """Remove a fraction of the channels of every prunable layer (or of the whole model).
 
@@ -67,8 +77,11 @@ def prune(
     iterative_steps : int
         Reach ``ratio`` in this many equal steps.
     recovery_epochs : int
-        Epochs of distillation after each step (KD at temperature 4 plus cross-entropy), from
-        ``teacher`` or, when none is given, from the unpruned model. 0 skips recovery.
+        Epochs of distillation after each step (:func:`kd_recovery_loss`: KD at temperature 4
+        plus cross-entropy), from ``teacher`` or, when none is given, from the unpruned model.
+        0 skips recovery (the accuracy pruning costs is then not repaired).
+    recovery_lr, recovery_batch_size : float, int
+        Learning rate (AdamW, cosine decay, weight decay 1e-4) and batch size of recovery.
     teacher : nn.Module, optional
         The model to distil from during recovery.
     round_to : int, optional
@@ -84,6 +97,18 @@ def prune(
     nn.Module
         The pruned model, in eval mode, on the CPU.
 
+    Raises
+    ------
+    PipelineError
+        A setting breaks its rule (``ratio must be < 1, but got 1.0``).
+    DivergedError
+        Recovery produced a NaN or infinite loss; nothing is returned.
+
+    Notes
+    -----
+    Under ``torchrun`` every process prunes its own copy (pruning is deterministic, so the copies
+    agree; DistributedDataParallel checks their shapes) and recovery trains data-parallel.
+
     Examples
     --------
     >>> from kdcompress import data, models
@@ -92,8 +117,15 @@ def prune(
     >>> small.features.conv2.out_channels  # doctest: +SKIP
     8
     """
+    check_arguments(prune, {
+        "ratio": ratio, "importance": importance, "global_pruning": global_pruning,
+        "iterative_steps": iterative_steps, "recovery_epochs": recovery_epochs,
+        "recovery_lr": recovery_lr, "recovery_batch_size": recovery_batch_size,
+        "round_to": round_to})
+    _check_model(model)
     ctx = resolve_context(ctx, "prune", data)
-    _check_arguments(model, ratio, importance, iterative_steps, recovery_epochs, round_to)
+    recovery = FitConfig(epochs=recovery_epochs, lr=recovery_lr, batch_size=recovery_batch_size,
+                         weight_decay=1e-4)
     torch.manual_seed(ctx.seed)
     model = copy.deepcopy(model).cpu().eval()
     if recovery_epochs:
@@ -121,10 +153,10 @@ def prune(
         pruner.step()
         model.zero_grad(set_to_none=True)
         if recovery_epochs:
-            _recover(model, teacher, ctx, recovery_epochs, step)
+            _recover(model, teacher, ctx, recovery, step, iterative_steps)
         entry = {"step": step + 1, "params": sum(p.numel() for p in model.parameters())}
         if iterative_steps > 1 or recovery_epochs:
-            entry["val_acc"] = round(accuracy(model, ctx.data, ctx.data.eval_split), 4)
+            entry["val_accuracy"] = round(accuracy(model, ctx.data, ctx.data.eval_split), 4)
         history.append(entry)
         log.info("prune step %d/%d: %s", step + 1, iterative_steps, entry)
 
@@ -142,23 +174,10 @@ def prune(
 # settings and layers
 
 
-def _check_arguments(model: Any, ratio: float, importance: str, iterative_steps: int,
-                     recovery_epochs: int, round_to: int | None) -> None:
+def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise StageError(f"prune: expects a torch model (nn.Module), but got "
                          f"{type(model).__name__}; prune before export_onnx")
-    if not 0.0 <= ratio < 1.0:
-        raise StageError(f"prune: ratio is the fraction of channels removed, 0 <= ratio < 1, but "
-                         f"got {ratio}")
-    if importance not in IMPORTANCES:
-        raise StageError(f"prune: importance must be one of {IMPORTANCES}, but got "
-                         f"'{importance}'.{did_you_mean(importance, IMPORTANCES)}")
-    if iterative_steps < 1:
-        raise StageError(f"prune: iterative_steps must be >= 1, but got {iterative_steps}")
-    if recovery_epochs < 0:
-        raise StageError(f"prune: recovery_epochs must be >= 0, but got {recovery_epochs}")
-    if round_to is not None and round_to < 1:
-        raise StageError(f"prune: round_to must be a positive int or None, but got {round_to}")
 
 
 def _importance(name: str) -> Any:
@@ -222,8 +241,7 @@ def _output_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Modu
 
 
 def _is_tt(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__.startswith("TT") and cls.__module__.startswith("kdcompress.layers")
+    return isinstance(module, (TTLinear, TTConv2d))
 
 
 @contextlib.contextmanager
@@ -250,46 +268,32 @@ def _accumulate_gradients(model: nn.Module, ctx: StageContext) -> None:
     """Cross-entropy gradients of a few training batches, summed into ``.grad`` (Taylor)."""
     model.zero_grad(set_to_none=True)
     model.eval()  # BatchNorm statistics stay as trained; gradients still flow
-    loader = ctx.data.loader("train", batch_size=_BATCH_SIZE, shuffle=True, seed=ctx.seed)
+    loader = ctx.data.loader("train", batch_size=64, shuffle=True, seed=ctx.seed)
     for i, (x, y) in enumerate(loader):
         if i == _TAYLOR_BATCHES:
             break
         F.cross_entropy(model(x.float()), y).backward()
 
 
-def kd_recovery_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     labels: torch.Tensor, temperature: float = _TEMPERATURE) -> torch.Tensor:
+def kd_recovery_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                     temperature: float = 4.0) -> Tensor:
     """Hinton's KD loss (:func:`kdcompress.losses.functional.kd_loss`) plus cross-entropy."""
     return kd_loss(student_logits, teacher_logits, temperature) + F.cross_entropy(student_logits,
                                                                                    labels)
 
 
-def _recover(model: nn.Module, teacher: nn.Module, ctx: StageContext, epochs: int,
-             step: int) -> None:
-    """Distil ``teacher`` into the freshly pruned ``model`` for ``epochs`` epochs."""
-    device = ctx.device
-    model.to(device)
-    teacher.to(device).eval()
-    loader_len = len(ctx.data.loader("train", batch_size=_BATCH_SIZE))
-    optimizer, scheduler = make_optimizer(model.parameters(), lr=_RECOVERY_LR, weight_decay=1e-4,
-                                          epochs=epochs, steps_per_epoch=loader_len)
-    for epoch in range(epochs):
-        model.train()
-        total, count = 0.0, 0
-        loader = ctx.data.loader("train", batch_size=_BATCH_SIZE, shuffle=True,
-                                 seed=ctx.seed + 1000 * (step + 1) + epoch)
-        for x, y in loader:
-            x, y = x.float().to(device), y.to(device)
-            with torch.no_grad():
-                target = teacher(x)
-            loss = kd_recovery_loss(model(x), target, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
-        ctx.report_epoch(f"recover {step + 1}", epoch + 1, epochs,
-                         f"loss {total / max(count, 1):.4f}")
+def _recover(model: nn.Module, teacher: nn.Module, ctx: StageContext, config: FitConfig,
+             step: int, steps: int) -> None:
+    """Distil ``teacher`` into the freshly pruned ``model`` with :func:`fit`."""
+    teacher.to(ctx.device).eval()
+
+    def loss_fn(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            target = teacher(x)
+        return kd_recovery_loss(net(x), target, y)
+
+    description = f"recover {step + 1}/{steps}" if steps > 1 else "recover"
+    fit(model, loss_fn, ctx.data, config=config, ctx=ctx, description=description,
+        data_parallel=spec_of(prune).distributed)
     model.cpu().eval()
     teacher.cpu()

@@ -6,34 +6,46 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from kdcompress import distributed
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
+from kdcompress.declare import Float, check_arguments, spec_of, stage
 from kdcompress.models import ModelSpec, as_module
-from kdcompress.training import accuracy, make_optimizer
+from kdcompress.training import FIT_CHECKS, FitConfig, fit
 
 __all__ = ["train"]
 
 
-@distributed.data_parallel
+@stage(role="train", distributed=True,
+       checks={**FIT_CHECKS, "label_smoothing": Float(ge=0, lt=1)})
 def train(
     model: nn.Module | ModelSpec, *, epochs: int = 10, lr: float = 2e-3, batch_size: int = 64,
-    weight_decay: float = 1e-4, label_smoothing: float = 0.0, data: Task | None = None,
+    weight_decay: float = 1e-4, label_smoothing: float = 0.0, optimizer: str = "adamw",
+    schedule: str = "cosine", grad_clip: float | None = None, data: Task | None = None,
     ctx: StageContext | None = None,
 ) -> nn.Module:
     """Train ``model`` on the task's training split with cross-entropy.
 
-    AdamW with cosine decay; the input model is copied, never changed. Under ``torchrun`` every
+    One loop, :func:`kdcompress.training.fit`: AdamW with cosine decay by default, the
+    validation accuracy after every epoch, a :class:`~kdcompress.errors.DivergedError` at the
+    first non-finite loss. The input model is copied, never changed. Under ``torchrun`` every
     process trains its shard of the data with DistributedDataParallel.
 
     Parameters
     ----------
     model : nn.Module or ModelSpec
         The model to train (``models.cnn()`` builds one for the data).
-    epochs, lr, batch_size, weight_decay, label_smoothing
-        Optimisation settings.
+    epochs, lr, batch_size, weight_decay
+        Optimisation settings (:class:`~kdcompress.training.FitConfig`).
+    label_smoothing : float
+        Cross-entropy label smoothing, ``0 <= label_smoothing < 1``.
+    optimizer : {"adamw", "sgd"}
+        AdamW, or SGD with Nesterov momentum 0.9.
+    schedule : {"cosine", "constant", "onecycle"}
+        Learning-rate schedule, stepped once per batch.
+    grad_clip : float, optional
+        Clip the gradient norm to this value.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -42,39 +54,33 @@ def train(
     nn.Module
         The trained model, in eval mode, on the CPU.
 
+    Raises
+    ------
+    PipelineError
+        A setting breaks its rule (``epochs must be an integer, got 'ten'``).
+    DivergedError
+        The loss became NaN or infinite; nothing is returned.
+
     Examples
     --------
     >>> from kdcompress import data, models
     >>> teacher = train(models.cnn(width=16), epochs=1, data=data.digits())  # doctest: +SKIP
     """
+    check_arguments(train, {"epochs": epochs, "lr": lr, "batch_size": batch_size,
+                            "weight_decay": weight_decay, "label_smoothing": label_smoothing,
+                            "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip})
     ctx = resolve_context(ctx, "train", data)
-    if epochs < 0:
-        raise ValueError(f"train: epochs must be >= 0, but got {epochs}")
     torch.manual_seed(ctx.seed)
     model = copy.deepcopy(as_module(model, ctx.data)).to(ctx.device)
-    if epochs == 0:
-        return model.cpu().eval()
-    net = distributed.wrap(model, ctx.device)
-    train_set = ctx.data.split("train")
-    steps = len(distributed.sharded_loader(train_set, batch_size=batch_size, seed=ctx.seed))
-    optimizer, scheduler = make_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay,
-                                          epochs=epochs, steps_per_epoch=steps)
-    split = ctx.data.eval_split
-    for epoch in range(epochs):
-        net.train()
-        total, count = 0.0, 0
-        for x, y in distributed.sharded_loader(train_set, batch_size=batch_size,
-                                               seed=ctx.seed + epoch):
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            loss = F.cross_entropy(net(x), y, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
-        acc = accuracy(model, ctx.data, split, device=ctx.device)
-        ctx.report_epoch("train", epoch + 1, epochs,
-                         f"loss {total / max(count, 1):.4f} {split}_acc {acc:.4f}")
-    ctx.record("final_loss", total / max(count, 1))
+    config = FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                       optimizer=optimizer, schedule=schedule, grad_clip=grad_clip)
+
+    def loss_fn(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(net(x), y, label_smoothing=label_smoothing)
+
+    result = fit(model, loss_fn, ctx.data, config=config, ctx=ctx, description="train",
+                 data_parallel=spec_of(train).distributed)
+    if result.history:
+        ctx.record("final_loss", result.final_loss)
+        ctx.record("history", [e.as_dict() for e in result.history])
     return model.cpu().eval()

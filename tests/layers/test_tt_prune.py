@@ -111,3 +111,20 @@ def test_ttconv_pruner_slices_channels_exactly() -> None:
                     .double()[None, :, None, None])[:, keep_out]
     assert (tt.in_channels, tt.out_channels) == (4, 6)
     assert torch.allclose(tt(x[:, keep_in]), expected, atol=1e-10)
+
+
+def test_prune_recognises_tt_layers_by_type_not_by_name() -> None:
+    from kdcompress.stages.prune import _is_tt
+
+    class MyTTLinear(TTLinear):  # a user's subclass, defined outside kdcompress.layers
+        pass
+
+    class TTLookalike(nn.Linear):  # named like a TT layer, but a dense one
+        pass
+
+    TTLookalike.__module__ = "kdcompress.layers.fake"
+    layer = TTLinear.from_linear(nn.Linear(16, 16), rank=2)
+    subclassed = MyTTLinear.from_linear(nn.Linear(16, 16), rank=2)
+    assert _is_tt(layer) and _is_tt(subclassed)
+    assert _is_tt(TTConv2d.from_conv(nn.Conv2d(4, 4, 3), rank=2))
+    assert not _is_tt(TTLookalike(4, 4)) and not _is_tt(nn.Linear(4, 4))

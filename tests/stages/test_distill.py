@@ -1,17 +1,20 @@
 """The distill stage on digits: it teaches, never mutates its inputs, fails early and clearly."""
 
 import copy
+import inspect
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from kdcompress import Pipeline
 from kdcompress import data as kd_data
 from kdcompress.context import StageContext
-from kdcompress.errors import LossError, StageError
+from kdcompress.errors import DivergedError, LossError, PipelineError, StageError
 from kdcompress.losses import AT, CE, KD, RKD, FitNet
 from kdcompress.stages.distill import _ema_update, distill
+from kdcompress.stages.train import train
 from kdcompress.training import accuracy
 
 
@@ -140,7 +143,8 @@ def test_born_again_generation_learns_from_a_snapshot_of_itself(task, teacher):
     ctx, events = _ctx(task)
     out = distill(teacher, None, self_distill="born_again", generations=2, epochs=2, lr=1e-2,
                   ctx=ctx)
-    assert [e[1:3] for e in events] == [(i, 4) for i in range(1, 5)]
+    assert [e[:3] for e in events] == [(f"distill gen {g}/2", e, 2) for g in (1, 2)
+                                       for e in (1, 2)]
     assert not torch.equal(out.fc.weight, teacher.fc.weight)
     assert accuracy(out, task, "test") > 0.8
 
@@ -163,9 +167,51 @@ def test_bad_arguments(task, teacher):
         distill(Net(), None, data=task)
     with pytest.raises(StageError, match="pass teacher=None"):
         distill(Net(), teacher, self_distill="ema", data=task)
-    with pytest.raises(StageError, match="teacher_weighting"):
-        distill(Net(), teacher, teacher_weighting="max", data=task)
     with pytest.raises(LossError, match="kdcompress.losses loss"):
         distill(Net(), teacher, loss=nn.MSELoss(), data=task)
     with pytest.raises(StageError, match="needs data"):
         distill(Net(), teacher)
+
+
+BAD = [
+    ({"epochs": "ten"}, "epochs must be an integer, got 'ten'"),
+    ({"lr": -1.0}, "lr must be > 0, but got -1.0"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+    ({"teacher_weighting": "max"}, "teacher_weighting must be one of 'mean', 'confidence'"),
+    ({"self_distill": "born-again"}, "self_distill must be one of None, 'born_again', 'ema'.*"
+                                     "Did you mean 'born_again'"),
+    ({"generations": 0}, "generations must be >= 1, but got 0"),
+    ({"ema_decay": 1.0}, "ema_decay must be < 1, but got 1.0"),
+    ({"cache_teacher": "yes"}, "cache_teacher must be one of True, False"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD, ids=[next(iter(k)) for k, _ in BAD])
+def test_bad_settings_fail_at_declaration_and_on_direct_calls(task, teacher, kwargs, match):
+    pipeline = Pipeline("p", data=task)
+    with pytest.raises(PipelineError, match=f"stage 's' \\(distill\\): {match}"):
+        pipeline.stage(distill, out="s", student=Net(), teacher=teacher, **kwargs)
+    with pytest.raises(PipelineError, match=f"distill: {match}"):
+        distill(Net(), teacher, data=task, **kwargs)
+
+
+def test_defaults_are_train_defaults_and_distilling_is_not_worse_than_training(task, teacher):
+    """With nothing but the epochs given, distilling a small student from a good teacher ends at
+    least as accurate as training it alone (one test image of slack out of 360)."""
+    for key in ("epochs", "lr", "batch_size", "weight_decay", "optimizer", "schedule"):
+        assert (inspect.signature(distill).parameters[key].default
+                == inspect.signature(train).parameters[key].default), key
+    torch.manual_seed(2)
+    student = Net(width=8, hidden=32)
+    alone = accuracy(train(student, epochs=5, data=task), task, "test")
+    taught = accuracy(distill(student, teacher, epochs=5, data=task), task, "test")
+    assert taught >= alone - 1 / 360, (taught, alone)
+
+
+def test_a_diverging_distillation_names_the_stage_and_returns_nothing(task, teacher):
+    ctx, _ = _ctx(task)
+    with pytest.raises(DivergedError, match=r"stage 'student_kd' diverged at epoch 1/2, step \d+"
+                                            r".*lr=1e\+06"):
+        distill(Net(), teacher, epochs=2, lr=1e6, ctx=ctx)
+    assert "loss_parts" not in ctx.details

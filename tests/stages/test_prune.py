@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
 
-from kdcompress import data, models
+from kdcompress import Pipeline, data, models
 from kdcompress.artifacts import load_module, save_module
 from kdcompress.context import StageContext
-from kdcompress.errors import StageError
+from kdcompress.errors import PipelineError, StageError
 from kdcompress.stages.prune import channel_counts, prune
 from kdcompress.stages.train import train
 from kdcompress.training import accuracy
@@ -63,11 +65,30 @@ def test_ignored_layers_are_kept_and_unknown_names_rejected(trained, task):
         prune(trained, ratio=0.5, ignored_layers=["features.cnov1"], data=task)
 
 
-def test_bad_settings_are_rejected(trained, task):
-    with pytest.raises(StageError, match="ratio"):
-        prune(trained, ratio=1.0, data=task)
-    with pytest.raises(StageError, match="Did you mean 'taylor'"):
-        prune(trained, importance="tailor", data=task)
+BAD = [
+    ({"ratio": 1.0}, "ratio must be < 1, but got 1.0"),
+    ({"ratio": -0.1}, "ratio must be >= 0, but got -0.1"),
+    ({"importance": "tailor"}, "importance must be one of .*Did you mean 'taylor'"),
+    ({"global_pruning": 1}, "global_pruning must be one of True, False, but got 1"),
+    ({"iterative_steps": 0}, "iterative_steps must be >= 1, but got 0"),
+    ({"recovery_epochs": 1.5}, "recovery_epochs must be an integer, got 1.5"),
+    ({"recovery_epochs": -1}, "recovery_epochs must be >= 0, but got -1"),
+    ({"recovery_lr": 0.0}, "recovery_lr must be > 0, but got 0.0"),
+    ({"recovery_batch_size": 0}, "recovery_batch_size must be >= 1, but got 0"),
+    ({"round_to": 0}, "round_to must be >= 1, but got 0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD,
+                         ids=[f"{k}={v!r}" for kw, _ in BAD for k, v in kw.items()])
+def test_bad_settings_fail_at_declaration_and_on_direct_calls(trained, task, kwargs, match):
+    pipeline = Pipeline("p", data=task)
+    with pytest.raises(PipelineError, match=f"stage 'p' \\(prune\\): {match}"):
+        pipeline.stage(prune, out="p", model=trained, **kwargs)
+    with pytest.raises(PipelineError, match=f"prune: {match}"):
+        prune(trained, data=task, **kwargs)
+    with pytest.raises(StageError, match="expects a torch model"):
+        prune("model.onnx", data=task)
 
 
 def test_pruned_model_reloads_identically(trained, task, tmp_path):
@@ -83,7 +104,7 @@ def test_pruned_model_reloads_identically(trained, task, tmp_path):
 def test_iterative_pruning_with_kd_recovery_recovers_accuracy(trained, task):
     base = accuracy(trained, task, "test")
     ratio = 0.5
-    blunt = accuracy(prune(trained, ratio=ratio, data=task), task, "test")
+    blunt = accuracy(prune(trained, ratio=ratio, recovery_epochs=0, data=task), task, "test")
     ctx = StageContext.standalone("pruned", task)
     repaired = prune(trained, ratio=ratio, iterative_steps=2, recovery_epochs=3, ctx=ctx)
     acc = accuracy(repaired, task, "test")
@@ -91,7 +112,18 @@ def test_iterative_pruning_with_kd_recovery_recovers_accuracy(trained, task):
     assert acc > base - 0.03, (base, blunt, acc)  # ... and KD recovery wins most of it back
     steps = ctx.details["steps"]
     assert [s["step"] for s in steps] == [1, 2] and steps[0]["params"] > steps[1]["params"]
-    assert n_params(repaired) == n_params(prune(trained, ratio=ratio, data=task))
+    assert n_params(repaired) == n_params(prune(trained, ratio=ratio, recovery_epochs=0,
+                                                data=task))
+
+
+def test_default_prune_recovers_with_kd_from_the_unpruned_model(trained, task):
+    """A user who passes only the ratio gets a few epochs of KD recovery, not a bare cut."""
+    assert inspect.signature(prune).parameters["recovery_epochs"].default == 3
+    bare = accuracy(prune(trained, ratio=0.5, recovery_epochs=0, data=task), task, "test")
+    ctx = StageContext.standalone("pruned", task)
+    default = accuracy(prune(trained, ratio=0.5, ctx=ctx), task, "test")
+    assert default > bare + 0.05, (bare, default)
+    assert ctx.details["steps"][0]["val_accuracy"] > 0.9
 
 
 def test_tt_layer_in_classifier_is_protected(trained, task, tmp_path):
