@@ -170,6 +170,9 @@ def check_arguments(fn: Callable[..., Any], values: Mapping[str, Any],
                     label: str | None = None) -> None:
     """Check keyword ``values`` against ``fn``'s declared rules.
 
+    A search parameter (``rank=ks.int(2, 12)``) is checked through its candidates: every value
+    it can take, or the ends of a large or continuous range.
+
     Raises
     ------
     PipelineError
@@ -177,10 +180,19 @@ def check_arguments(fn: Callable[..., Any], values: Mapping[str, Any],
     """
     label = label or getattr(fn, "__name__", "stage")
     for key, check in spec_of(fn).checks.items():
-        if key in values and not _is_deferred(values[key]):
-            problem = check(key, values[key])
+        if key not in values:
+            continue
+        value = values[key]
+        if not _is_deferred(value):
+            problem = check(key, value)
             if problem:
                 raise PipelineError(f"{label}: {problem}")
+            continue
+        for candidate in getattr(value, "__kdc_candidates__", lambda: [])():
+            problem = check(key, candidate)
+            if problem:
+                raise PipelineError(f"{label}: {key}={value!r} can take {candidate!r}, but "
+                                    f"{problem}; narrow the search parameter")
 
 
 def _is_deferred(value: Any) -> bool:

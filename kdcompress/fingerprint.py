@@ -54,6 +54,10 @@ def fingerprint_constant(value: Any, where: str = "constant") -> Any:
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if getattr(value, "__kdc_deferred__", False):
+        raise PipelineError(f"{where} {value!r} is a search parameter without a value yet: "
+                            "fingerprint the concrete pipeline (pipeline.concrete(...)), whose "
+                            "parameters have values")
     if isinstance(value, (list, tuple)):
         return [type(value).__name__, [fingerprint_constant(v, where) for v in value]]
     if isinstance(value, dict):
@@ -95,9 +99,19 @@ def _package_digest() -> str:
     return _PACKAGE_DIGEST
 
 
+#: ``kdcompress.cli.load_pipeline`` runs a pipeline file as a module named after the file.
+PIPELINE_MODULE_PREFIX = "_kdcompress_pipeline_"
+
+
 def function_fingerprint(fn: Any) -> str:
-    """Hash of a stage function: the kdcompress sources for built-ins, the source otherwise."""
+    """Hash of a stage function: the kdcompress sources for built-ins, the source otherwise.
+
+    A function defined in a pipeline file is known by its name and source, not by the file's
+    name: a copy of the file (``best-size.py``, written by a search) keeps its stages cached.
+    """
     module = getattr(fn, "__module__", "") or ""
+    if module.startswith(PIPELINE_MODULE_PREFIX):
+        module = "<pipeline file>"
     name = f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
     if module == "kdcompress" or module.startswith("kdcompress."):
         return sha256_hex(f"{name}:{_package_digest()}".encode())

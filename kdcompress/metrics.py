@@ -1,8 +1,8 @@
 """The same ruler for every artifact: size, MACs, latency, accuracy, agreement.
 
-Latency is measured with warm-up, a fixed thread count, and real test inputs; medians and 90th
-percentiles are reported in milliseconds. PyTorch runs torch models, ONNX Runtime runs ONNX ones,
-and the row names the engine.
+Latency is measured with warm-up, a fixed thread count, and real test inputs (validation inputs
+while a search must not read the test split); medians and 90th percentiles are reported in
+milliseconds. PyTorch runs torch models, ONNX Runtime runs ONNX ones, and the row names the engine.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def _torch_size(folder: Path | None, model: nn.Module) -> int:
 
 def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig | None = None,
             folder: Path | None = None, reference: torch.Tensor | None = None,
-            baseline: nn.Module | OnnxModel | None = None) -> dict[str, Any]:
+            baseline: nn.Module | OnnxModel | None = None, test: bool = True) -> dict[str, Any]:
     """Measure one artifact: params, size on disk, MACs, latency, accuracy, agreement.
 
     Parameters
@@ -221,6 +221,10 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
     baseline : nn.Module or OnnxModel, optional
         Timed interleaved with ``model``: the row then holds ``faster_by`` from that pairing and
         ``timing`` (load average, reliability flags).
+    test : bool
+        Read the test split. ``False`` (while a search chooses) leaves ``accuracy`` and
+        ``agreement`` ``None`` and times the validation inputs (the training inputs when the task
+        has no validation split), so no test image or label is read.
 
     Returns
     -------
@@ -230,22 +234,28 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
         ``latency_ms_cuda`` when CUDA is measured).
     """
     config = config or MeasureConfig()
-    x, y = task.arrays("test")
     onnx = isinstance(model, OnnxModel)
-    preds = predict(model, x).argmax(1)
     val_accuracy = None
     if task.val is not None:
         xv, yv = task.arrays("val")
         val_accuracy = round(float((predict(model, xv).argmax(1) == yv).float().mean()), 6)
+    accuracy = agreement = None
+    if test:
+        x, y = task.arrays("test")
+        preds = predict(model, x).argmax(1)
+        accuracy = round(float((preds == y).float().mean()), 6)
+        if reference is not None:
+            agreement = round(float((preds == reference).float().mean()), 6)
+    else:
+        x, _ = task.arrays(task.eval_split)
     row: dict[str, Any] = {
         "params": num_params(model),
         "size_bytes": model.size_bytes if onnx else _torch_size(folder, model),
         "macs": None if onnx else count_macs(model, x[:1]),
         "engine": "onnxruntime" if onnx else "torch",
-        "accuracy": round(float((preds == y).float().mean()), 6),
+        "accuracy": accuracy,
         "val_accuracy": val_accuracy,
-        "agreement": None if reference is None
-        else round(float((preds == reference).float().mean()), 6),
+        "agreement": agreement,
     }
     if baseline is None:
         row["latency_ms"] = latency(model, x, config)

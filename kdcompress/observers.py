@@ -8,6 +8,7 @@ runs.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +37,31 @@ class Measurer(Progress):
         Timing settings.
     order : list of str
         The pipeline's stage order; rows are kept in it.
+    read_test : bool
+        Score on the test split; ``False`` leaves it unread (see
+        :func:`~kdcompress.metrics.measure`).
+    only : collection of str, optional
+        Measure these stages and the baseline only; the others get no row.
     """
 
-    def __init__(self, task: Task, config: MeasureConfig, order: list[str]) -> None:
+    def __init__(self, task: Task, config: MeasureConfig, order: list[str], *,
+                 read_test: bool = True, only: Collection[str] | None = None) -> None:
         self.task = task
         self.config = config
         self.order = order
+        self.read_test = read_test
+        self.only = None if only is None else frozenset(only)
         self.baseline: Any = None
         self.baseline_predictions: torch.Tensor | None = None
 
     def stage_finished(self, event: StageFinished) -> None:
         report = event.report
         is_baseline = event.name == report.baseline
+        if self.only is not None and not is_baseline and event.name not in self.only:
+            return
         metrics = measure(event.artifact, self.task, config=self.config, folder=event.folder,
                           reference=None if is_baseline else self.baseline_predictions,
-                          baseline=None if is_baseline else self.baseline)
+                          baseline=None if is_baseline else self.baseline, test=self.read_test)
         meta = event.meta
         event.row = StageRow(
             name=event.name, function=event.function, inputs=list(event.inputs),
@@ -60,8 +71,9 @@ class Measurer(Progress):
             **metrics)
         if is_baseline:
             self.baseline = event.artifact
-            x, _ = self.task.arrays("test")
-            self.baseline_predictions = predict(event.artifact, x).argmax(1)
+            if self.read_test:
+                x, _ = self.task.arrays("test")
+                self.baseline_predictions = predict(event.artifact, x).argmax(1)
         report.add(event.row, order=self.order)
 
 

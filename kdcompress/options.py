@@ -39,6 +39,19 @@ class RunOptions:
         Wait for another run holding the run folder's lock (``False``: fail at once).
     plot : bool
         Draw ``report.png``.
+    read_test : bool
+        Score artifacts on the test split. ``False`` while a search chooses: rows then hold the
+        validation accuracy only (``accuracy`` and ``agreement`` are ``None``), latency is timed
+        on validation inputs, and the test split is never read.
+    measure_only : tuple of str, optional
+        Measure these stages (and the baseline) only; the others get no row. A search measures
+        its baseline and the stage it optimises.
+    by_fingerprint : bool
+        Keep every version of a stage, one folder per fingerprint
+        (``RUN/stages/<name>/<fingerprint>/``), and let several processes run into the folder at
+        once. A search sets it; a folder once made this way keeps that layout for later runs.
+    report_dir : path, optional
+        Where ``report.json`` / ``report.md`` / ``report.png`` go; the run folder by default.
     """
 
     out: str | Path | None = None
@@ -51,6 +64,10 @@ class RunOptions:
     measure: MeasureConfig | None = None
     wait: bool = True
     plot: bool = True
+    read_test: bool = True
+    measure_only: tuple[str, ...] | None = None
+    by_fingerprint: bool = False
+    report_dir: str | Path | None = None
 
     def run_dir(self, pipeline: str) -> Path:
         """The run folder for a pipeline of this name."""

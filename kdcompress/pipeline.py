@@ -12,14 +12,20 @@
 a :class:`Handle` (what ``stage`` returns, or ``pipeline.ref("name")`` for a stage declared later)
 is an edge of the DAG, every other keyword is a constant. :meth:`Pipeline.validate` checks the
 whole graph (unknown references, cycles, torch/ONNX kinds) before anything runs.
+
+A constant may be a search parameter (``rank=ks.int(2, 12, default=8)``, see
+:mod:`kdcompress.search`): :attr:`Pipeline.params` lists them, :meth:`Pipeline.concrete` gives the
+pipeline with chosen values (or the defaults, which is what :meth:`Pipeline.run` runs), and
+:meth:`Pipeline.search` explores them.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +37,15 @@ from kdcompress.data import Task
 from kdcompress.declare import check_arguments
 from kdcompress.errors import PipelineError, did_you_mean
 from kdcompress.fingerprint import fingerprint_constant
+from kdcompress.search.space import Choice, Param, param_paths, substitute
 
 if typing.TYPE_CHECKING:
     from kdcompress.options import RunOptions
     from kdcompress.progress import Progress
     from kdcompress.report import Report
+    from kdcompress.search.front import SearchResult
+    from kdcompress.search.live import SearchProgress
+    from kdcompress.search.study import SearchConfig
 
 __all__ = ["Pipeline", "Handle", "Stage"]
 
@@ -136,6 +146,11 @@ class Pipeline:
         _seed_globals(seed)
         self.baseline = baseline
         self.stages: dict[str, Stage] = {}
+        #: The search parameters among the stages' constants, by name (``"student.rank"``).
+        self.params: dict[str, Param] = {}
+        #: For a concrete pipeline, the parameter values it was made with.
+        self.values: dict[str, Any] = {}
+        self._param_names: dict[int, str] = {}
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, stages={list(self.stages)})"
@@ -197,9 +212,141 @@ class Pipeline:
                 constants[key] = value
         check_arguments(fn, constants, label)
         for key, value in constants.items():
-            fingerprint_constant(value, f"{label}, {key}=")
+            found = param_paths(value, key)
+            if not found:
+                fingerprint_constant(value, f"{label}, {key}=")
+            for path, param in found:
+                self._add_param(out, path, param, label)
         self.stages[out] = Stage(out, fn, inputs, constants, len(self.stages))
         return Handle(out, id(self))
+
+    def _add_param(self, out: str, path: str, param: Param, label: str) -> None:
+        """Name a search parameter (``<stage>.<keyword>`` unless named) and check its values
+        can be cached."""
+        if id(param) in self._param_names:  # one object used twice is one parameter
+            return
+        name = param.name or f"{out}.{path}"
+        if name in self.params:
+            raise PipelineError(f"{label}: two search parameters are named '{name}'; give each "
+                                "its own name= (or pass the same parameter object to both)")
+        if isinstance(param, Choice):
+            for value in param.values:
+                fingerprint_constant(value, f"{label}, {path}={param!r}: value")
+        self.params[name] = param
+        self._param_names[id(param)] = name
+
+    # --- search parameters -----------------------------------------------------------------
+
+    def concrete(self, values: Mapping[str, Any] | None = None) -> Pipeline:
+        """This pipeline with every search parameter replaced by a value.
+
+        Parameters
+        ----------
+        values : mapping of str to Any, optional
+            Values by parameter name (:attr:`params`); a parameter not given takes its default.
+
+        Returns
+        -------
+        Pipeline
+            A pipeline with plain constants only (``self`` when it has no parameters), whose
+            :attr:`values` records the values; its stages fingerprint like a file written with
+            those values as literals.
+
+        Raises
+        ------
+        PipelineError
+            An unknown parameter name, a value the parameter cannot take, a parameter with
+            neither a value nor a default, or a value that breaks the stage's rules.
+
+        Examples
+        --------
+        >>> from kdcompress import Pipeline, data, models, search as ks
+        >>> from kdcompress.stages import train, decompose_tt
+        >>> p = Pipeline("demo", data=data.digits())
+        >>> t = p.stage(train, out="teacher", model=models.cnn(width=16), epochs=1)
+        >>> s = p.stage(decompose_tt, out="student", model=t, rank=ks.int(2, 8, default=4))
+        >>> p.concrete({"student.rank": 6}).stages["student"].constants["rank"]
+        6
+        >>> p.concrete().stages["student"].constants["rank"]
+        4
+        """
+        values = dict(values or {})
+        unknown = [k for k in values if k not in self.params]
+        if unknown:
+            raise PipelineError(f"pipeline '{self.name}' has no search parameter '{unknown[0]}'."
+                                f"{did_you_mean(unknown[0], self.params)} Its parameters: "
+                                f"{', '.join(self.params) or 'none'}")
+        if not self.params:
+            return self
+        chosen: dict[str, Any] = {}
+        for name, param in self.params.items():
+            if name in values:
+                if not param.contains(values[name]):
+                    raise PipelineError(f"search parameter '{name}' = {param!r} cannot take "
+                                        f"{values[name]!r}")
+                chosen[name] = values[name]
+            elif param.has_default:
+                chosen[name] = param.default
+            else:
+                raise PipelineError(
+                    f"search parameter '{name}' = {param!r} has no default, so the pipeline "
+                    "cannot run as it is: give it one (default=...), or explore it with "
+                    "`kdcompress search FILE`")
+        new = copy.copy(self)
+        new.stages, new.params, new.values, new._param_names = {}, {}, chosen, {}
+
+        def pick(param: Param) -> Any:
+            return chosen[self._param_names[id(param)]]
+
+        def rehandle(value: Handle | list[Handle]) -> Handle | list[Handle]:
+            if isinstance(value, list):
+                return [Handle(h.name, id(new)) for h in value]
+            return Handle(value.name, id(new))
+
+        for stage in self.stages.values():
+            constants = {k: substitute(v, pick) for k, v in stage.constants.items()}
+            check_arguments(stage.fn, constants, f"stage '{stage.name}' ({stage.fn.__name__})")
+            new.stages[stage.name] = Stage(stage.name, stage.fn,
+                                           {k: rehandle(v) for k, v in stage.inputs.items()},
+                                           constants, stage.index)
+        return new
+
+    def search(self, *, trials: int | None = None, timeout: float | None = None,
+               config: SearchConfig | None = None, options: RunOptions | None = None,
+               progress: SearchProgress | None = None, **overrides: Any) -> SearchResult:
+        """Search the parameters: trials through optuna, then the Pareto front on the test
+        split (see :class:`kdcompress.search.Search`).
+
+        Parameters
+        ----------
+        trials : int, optional
+            Trials in the study when this call ends (those of earlier calls count); 20 when
+            neither ``trials`` nor ``timeout`` is given.
+        timeout : float, optional
+            Stop starting trials after this many seconds.
+        config : SearchConfig, optional
+            Objectives, accuracy budget, sampler, pruner, storage.
+        options : RunOptions, optional
+            How each trial runs (run folder, device, data, measurement).
+        progress : SearchProgress, optional
+            Receives the search's events; ``RichSearchProgress()`` draws the live table.
+        **overrides
+            Fields of :class:`~kdcompress.search.SearchConfig` replacing those of ``config``:
+            ``pipeline.search(trials=10, max_drop=0.5)``.
+
+        Returns
+        -------
+        SearchResult
+            Every trial, the front measured on the test split, the best pipeline per objective.
+        """
+        import dataclasses
+
+        from kdcompress.options import RunOptions
+        from kdcompress.search.study import Search, SearchConfig
+
+        config = dataclasses.replace(config or SearchConfig(), **overrides)
+        return Search(self, config, options or RunOptions(), progress=progress).run(
+            trials=trials, timeout=timeout)
 
     # --- the graph -------------------------------------------------------------------------
 
@@ -269,7 +416,8 @@ class Pipeline:
 
     def run(self, options: RunOptions | None = None, *, progress: Progress | None = None,
             **overrides: Any) -> Report:
-        """Run the pipeline; return its :class:`~kdcompress.report.Report`.
+        """Run the pipeline (search parameters at their defaults); return its
+        :class:`~kdcompress.report.Report`.
 
         Parameters
         ----------
@@ -283,6 +431,8 @@ class Pipeline:
 
         Raises
         ------
+        PipelineError
+            A search parameter has no default.
         kdcompress.errors.RunFailed
             A stage failed; the report up to it is written and names it.
         """

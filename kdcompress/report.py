@@ -9,6 +9,7 @@ stage whose size on disk did not drop, an int8 model no faster than its fp32 par
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ class StageRow:
     ``latency_ms`` maps ``"batch_1"`` / ``"batch_64"`` to ``{"p50", "p90", "runs"}`` in
     milliseconds; ``smaller_by`` and ``faster_by`` are ratios to the baseline (the latter timed
     interleaved with it); ``val_accuracy`` is on the validation split (what automatic choices
-    use), ``accuracy`` on the test split (reported only).
+    use), ``accuracy`` on the test split (reported only; ``None`` while a search must leave the
+    test split unread, as is ``agreement``).
     """
 
     name: str
@@ -68,7 +70,7 @@ class StageRow:
     macs: int | None
     latency_ms: dict[str, dict[str, float]]
     engine: str
-    accuracy: float
+    accuracy: float | None
     agreement: float | None = None
     val_accuracy: float | None = None
     seconds: float = 0.0
@@ -229,8 +231,8 @@ def _flags(row: StageRow, parent: StageRow | None) -> list[str]:
     mine, theirs, split = row.val_accuracy, parent.val_accuracy, "validation"
     if mine is None or theirs is None:
         mine, theirs, split = row.accuracy, parent.accuracy, "test"
-    drop = 100 * (theirs - mine)
-    if drop > ACCURACY_DROP_POINTS:
+    drop = None if mine is None or theirs is None else 100 * (theirs - mine)
+    if drop is not None and drop > ACCURACY_DROP_POINTS:
         flags.append(f"{split} accuracy fell {drop:.1f} points below '{parent.name}' "
                      f"({100 * mine:.2f}% vs {100 * theirs:.2f}%): "
                      f"{_KNOBS.get(row.role, _KNOBS['transform'])}")
@@ -295,9 +297,16 @@ def plot(report: Report, path: Path) -> None:
 
     rows = {r.name: r for r in report.stages}
     base = rows.get(report.baseline or "") or next(iter(rows.values()))
+    # test accuracy; validation accuracy for a run that left the test split unread
+    test = all(r.accuracy is not None for r in rows.values())
+    split = "test" if test else "validation"
+
+    def score(r: StageRow) -> float:
+        value = r.accuracy if test else r.val_accuracy
+        return math.nan if value is None else value
 
     def change(r: StageRow) -> float:
-        return 100 * (r.accuracy - base.accuracy)
+        return 100 * (score(r) - score(base))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     panels = [("size on disk (KiB)", lambda r: r.size_bytes / 1024),
@@ -312,7 +321,7 @@ def plot(report: Report, path: Path) -> None:
         for i, (name, r) in enumerate(rows.items()):
             ax.scatter(xval(r), change(r), marker="s" if r.format == "onnx" else "o", s=50,
                        zorder=3, color=colours(i % 10),
-                       label=f"{name} ({100 * r.accuracy:.2f}%)")
+                       label=f"{name} ({100 * score(r):.2f}%)")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         values = [xval(r) for r in rows.values()]
@@ -323,7 +332,7 @@ def plot(report: Report, path: Path) -> None:
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+.1f}"))
         ax.axhline(0.0, color="0.5", lw=0.8)
         ax.set_xlabel(label)
-        ax.set_ylabel(f"test accuracy vs {base.name} (points)")
+        ax.set_ylabel(f"{split} accuracy vs {base.name} (points)")
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,

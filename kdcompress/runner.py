@@ -9,10 +9,15 @@ resumes after the last complete stage.
 
 Stages that are not planned in this run (``--only``, ``--until``) are still loaded and measured
 when the store has them, so the report keeps every row it can vouch for.
+
+Search parameters take their defaults (:meth:`Pipeline.concrete`). A run folder made by a search
+keeps one folder per stage fingerprint (:class:`~kdcompress.search.store.FingerprintStore`);
+every run into it uses that layout, computing each stage version under a lock of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -49,6 +54,7 @@ from kdcompress.options import RunOptions
 from kdcompress.pipeline import Pipeline, Stage
 from kdcompress.progress import NullProgress, Progress, StageFinished
 from kdcompress.report import Report
+from kdcompress.search.store import FingerprintStore, is_fingerprint_layout
 from kdcompress.store import Entry, RunStore
 
 __all__ = ["Runner", "run"]
@@ -63,8 +69,9 @@ def run(pipeline: Pipeline, options: RunOptions | None = None,
     Raises
     ------
     PipelineError
-        Bad options (unknown ``until``/``only`` stage, unavailable device) or ``--only`` without
-        its inputs in the run folder; raised before any stage runs.
+        Bad options (unknown ``until``/``only`` stage, unavailable device), ``--only`` without
+        its inputs in the run folder, or a search parameter without a default; raised before any
+        stage runs.
     StoreError
         The run folder cannot be used (locked with ``wait=False``, not a folder, unwritable).
     RunFailed
@@ -78,6 +85,7 @@ class Runner:
 
     def __init__(self, pipeline: Pipeline, options: RunOptions,
                  progress: Progress | None = None) -> None:
+        pipeline = pipeline.concrete()  # search parameters at their defaults
         self.pipeline = pipeline
         self.options = options
         self.order = pipeline.order()
@@ -96,7 +104,10 @@ class Runner:
         self.device = distributed.init_from_env(device)
         self.main = distributed.is_main()
         self.task: Task = options.data or pipeline.data or digits()
-        self.store = RunStore(options.run_dir(pipeline.name))
+        run_dir = options.run_dir(pipeline.name)
+        self.store: RunStore | FingerprintStore = (
+            FingerprintStore(run_dir) if options.by_fingerprint or is_fingerprint_layout(run_dir)
+            else RunStore(run_dir))
         # Classes a module recipe may name: those importable when the run began (the pipeline
         # file's own imports included), never a module found in the run folder.
         self.trusted_modules = frozenset(sys.modules)
@@ -108,8 +119,9 @@ class Runner:
                              edges=[list(e) for e in pipeline.graph().edges])
         self.progress = progress or NullProgress()
         self.observers: list[Progress] = [
-            Measurer(self.task, config, self.order),
-            ReportFiles(self.store.run_dir, plot=options.plot),
+            Measurer(self.task, config, self.order, read_test=options.read_test,
+                     only=options.measure_only),
+            ReportFiles(Path(options.report_dir or self.store.run_dir), plot=options.plot),
             self.progress,
         ] if self.main else [NullProgress()]
         self.artifacts: dict[str, Any] = {}
@@ -142,9 +154,37 @@ class Runner:
         """Run the planned stages; return the report (also written to the run folder)."""
         if not self.main:
             return self._walk()
-        with self.store.locked(wait=self.options.wait,
-                               on_wait=lambda m: self.progress.warn("run", m)):
+
+        def on_wait(message: str) -> None:
+            self.progress.warn("run", message)
+
+        if isinstance(self.store, RunStore):
+            with self.store.locked(wait=self.options.wait, on_wait=on_wait):
+                if not is_fingerprint_layout(self.store.run_dir):
+                    return self._walk()
+            # a search converted the folder while this run waited for it: use its layout
+            self.store = FingerprintStore(self.store.run_dir)
+        with self.store.locked(wait=self.options.wait, on_wait=on_wait):
             return self._walk()
+
+    def _stored_meta(self, name: str) -> dict[str, Any] | None:
+        """The ``meta.json`` of stage ``name`` in the run folder (its current fingerprint's
+        version when the folder keeps one per fingerprint)."""
+        if isinstance(self.store, FingerprintStore):
+            return self.store.meta(name, self.fingerprints[name])
+        return self.store.meta(name)
+
+    def _stored_folder(self, name: str) -> Path:
+        if isinstance(self.store, FingerprintStore):
+            return self.store.folder(name, self.fingerprints[name])
+        return self.store.stage_dir / name
+
+    def _claim(self, stage: Stage) -> contextlib.AbstractContextManager[Any]:
+        """Hold the stage version's lock while it is looked up and computed (a folder shared by
+        several search workers); nothing in a folder held by this run alone."""
+        if isinstance(self.store, FingerprintStore) and self.main:
+            return self.store.claim(stage.name, self.fingerprints[stage.name])
+        return contextlib.nullcontext()
 
     def _walk(self) -> Report:
         distributed.barrier()
@@ -176,7 +216,7 @@ class Runner:
         """``--only``: every ancestor must be complete in the run folder (checked up front)."""
         ancestors = nx.ancestors(self.pipeline.graph(), stage.name)
         for name in (n for n in self.order if n in ancestors):
-            meta = self.store.meta(name)
+            meta = self._stored_meta(name)
             if meta is None or meta.get("fingerprint") != self.fingerprints[name]:
                 raise PipelineError(f"--only {stage.name} needs '{name}', which is not in "
                                     f"{self.store.stage_dir} with the current settings; run the "
@@ -215,6 +255,10 @@ class Runner:
         self._finished(stage, artifact, entry, cached=True)
 
     def _run_stage(self, stage: Stage, *, force: bool) -> None:
+        with self._claim(stage):
+            self._run_claimed(stage, force=force)
+
+    def _run_claimed(self, stage: Stage, *, force: bool) -> None:
         fp = self.fingerprints[stage.name]
         entry = artifact = None
         if self.main and not (self.options.fresh or force):
@@ -238,8 +282,8 @@ class Runner:
         if error is not None:
             self._fail(stage, error, time.perf_counter() - started)
         if not self.main:  # rank 0 has written the artifact: every process continues from it
-            folder = self.store.stage_dir / stage.name
-            meta = self.store.meta(stage.name) or {}
+            folder = self._stored_folder(stage.name)
+            meta = self._stored_meta(stage.name) or {}
             self.artifacts[stage.name] = (OnnxModel(folder / meta["file"])
                                           if meta.get("format") == "onnx"
                                           else load_module(folder,
