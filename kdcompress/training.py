@@ -334,12 +334,16 @@ class _Loop:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+        stepped = True
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when float16 gradients overflowed
             self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # the scale drops after a skipped step
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if stepped:
+            self.scheduler.step()
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self.steps)
