@@ -1,8 +1,10 @@
-"""The kdcompress command: run a pipeline file, re-print a report, show a graph.
+"""The kdcompress command: run a pipeline file, search its parameters, re-print a report, show a
+graph.
 
-Exit codes: 0 success; 1 a stage failed (the report up to it is written and names it) or the
-run folder cannot be written; 2 bad usage, a bad pipeline file or bad data (detected before any
-stage runs), or a run folder locked by another run with --no-wait; 130 interrupted (Ctrl-C).
+Exit codes: 0 success (for a search, also when no trial met the budget); 1 a stage failed (the
+report up to it is written and names it) or the run folder cannot be written; 2 bad usage, a bad
+pipeline file, an invalid search space or bad data (detected before any stage runs), or a run
+folder locked by another run with --no-wait; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def load_pipeline(path: str | Path):  # -> Pipeline
         The file is missing, does not parse, raises while defining the pipeline, or defines no
         pipeline.
     """
+    from kdcompress.fingerprint import PIPELINE_MODULE_PREFIX
     from kdcompress.pipeline import Pipeline
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"pipeline file {path} does not exist")
-    module_name = f"_kdcompress_pipeline_{path.stem}".replace("-", "_")
+    module_name = f"{PIPELINE_MODULE_PREFIX}{path.stem}".replace("-", "_")
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise UsageError(f"{path} is not a Python file")
@@ -92,13 +95,53 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default 1)")
     run.add_argument("--no-wait", action="store_true",
                      help="exit (code 2) instead of waiting when another run holds the run folder")
-    report = sub.add_parser("report", help="print a run's report again")
-    report.add_argument("run_dir", help="a run folder holding report.json")
-    report.add_argument("--markdown", action="store_true", help="print report.md instead")
+    _search_parser(sub)
+    report = sub.add_parser("report", help="print a run's report (and a search's front) again")
+    report.add_argument("run_dir", help="a run folder holding report.json or search/")
+    report.add_argument("--markdown", action="store_true",
+                        help="print report.md (and search/frontier.md) instead")
     graph = sub.add_parser("graph", help="print a pipeline's DAG")
     graph.add_argument("file", help="a Python file defining `pipeline`")
     graph.add_argument("--image", metavar="PNG", help="also draw the DAG into this image")
     return parser
+
+
+def _search_parser(sub: argparse._SubParsersAction) -> None:
+    search = sub.add_parser(
+        "search", help="search a pipeline's ks.choice/ks.int/ks.float parameters: the Pareto "
+        "front of size and latency within a validation accuracy budget")
+    search.add_argument("file", help="a Python file defining `pipeline` with search parameters")
+    search.add_argument("--out", help="run folder shared by every trial, with the study in "
+                        "search/ (default runs/<pipeline name>, or runs/<name>-<data>)")
+    search.add_argument("--trials", type=int, metavar="N",
+                        help="trials in the study when the search stops, earlier runs' and "
+                        "other workers' included (default 20 without --timeout)")
+    search.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="start no trial after this many seconds")
+    search.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                        help="budget: validation accuracy points the target may lose against "
+                        "the baseline (default 1.0)")
+    search.add_argument("--objectives", default="size,latency",
+                        help="what to minimise, comma-separated: size, latency (default both)")
+    search.add_argument("--target", metavar="STAGE",
+                        help="the stage optimised (default the pipeline's final stage)")
+    search.add_argument("--sampler", default="tpe", help="tpe (default) or nsga2")
+    search.add_argument("--pruner", default="budget",
+                        help="budget (stop trials behind every one within budget; default) or "
+                        "none")
+    search.add_argument("--startup-trials", type=int, default=8, metavar="N",
+                        help="random trials before TPE models the results; NSGA-II's "
+                        "population (default 8)")
+    search.add_argument("--seed", type=int, default=0, help="seeds the sampler (default 0)")
+    search.add_argument("--storage", metavar="URL", help="optuna storage shared by workers "
+                        "(default sqlite:///RUN/search/study.db)")
+    search.add_argument("--study-name", metavar="NAME", help="default: the pipeline's name")
+    search.add_argument("--device", default="cpu", help="cpu or cuda (training device)")
+    search.add_argument("--data", metavar="NAME[:DIR]",
+                        help="replace the pipeline's data: digits, or mnist:DIR (IDX files)")
+    search.add_argument("--train-limit", type=int, metavar="N",
+                        help="train on the first N training samples only")
+    search.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args, console, err)
+        if args.command == "search":
+            return _search(args, console)
         if args.command == "report":
             return _report(args, console)
         return _graph(args, console)
@@ -137,20 +182,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace, console, err) -> int:
+def _task(args: argparse.Namespace, pipeline):  # -> Task | None
+    """The data of ``--data`` and ``--train-limit``, or ``None`` for the pipeline's own."""
     from kdcompress import data as data_module
-    from kdcompress import distributed
-    from kdcompress.errors import RunFailed
-    from kdcompress.options import RunOptions
-    from kdcompress.progress import RichProgress
 
-    pipeline = load_pipeline(args.file)
     task = data_module.get(args.data) if args.data else None
     if args.train_limit is not None:
         task = data_module.limit_train(task or pipeline.data or data_module.digits(),
                                        args.train_limit)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, but got {args.threads}")
+    return task
+
+
+def _run(args: argparse.Namespace, console, err) -> int:
+    from kdcompress import distributed
+    from kdcompress.errors import RunFailed
+    from kdcompress.options import RunOptions
+    from kdcompress.progress import RichProgress
+
+    pipeline = load_pipeline(args.file)
+    task = _task(args, pipeline)
     options = RunOptions(out=args.out, device=args.device, fresh=args.fresh, until=args.until,
                          only=args.only, data=task, threads=args.threads,
                          wait=not args.no_wait)
@@ -170,19 +222,55 @@ def _run(args: argparse.Namespace, console, err) -> int:
     return EXIT_OK
 
 
-def _report(args: argparse.Namespace, console) -> int:
-    from kdcompress.report import REPORT_MD, load_report, render_table
+def _search(args: argparse.Namespace, console) -> int:
+    import optuna
 
-    report = load_report(args.run_dir)
-    if args.markdown:
-        console.print((Path(args.run_dir) / REPORT_MD).read_text(), markup=False,
+    from kdcompress.options import RunOptions
+    from kdcompress.search.live import RichSearchProgress
+    from kdcompress.search.study import Search, SearchConfig
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live table reports the trials
+    pipeline = load_pipeline(args.file)
+    config = SearchConfig(objectives=tuple(o.strip() for o in args.objectives.split(",")
+                                           if o.strip()),
+                          max_drop=args.max_drop, target=args.target, sampler=args.sampler,
+                          pruner=args.pruner, startup_trials=args.startup_trials,
+                          seed=args.seed, storage=args.storage, study_name=args.study_name)
+    options = RunOptions(out=args.out, device=args.device, data=_task(args, pipeline),
+                         threads=args.threads)
+    search = Search(pipeline, config, options, progress=RichSearchProgress(console))
+    result = search.run(trials=args.trials, timeout=args.timeout)
+    if not result.pending:
+        console.print(f"front: {search.dir}/frontier.md, frontier.json, frontier.png"
+                      + "".join(f"; best {o}: {search.dir}/best-{o}.py" for o in result.best),
                       highlight=False)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, console) -> int:
+    from kdcompress.report import REPORT_JSON, REPORT_MD, load_report, render_table
+    from kdcompress.search.front import FRONTIER_MD, load_front, render_front, summary
+
+    run_dir = Path(args.run_dir)
+    front = load_front(run_dir)
+    report = load_report(run_dir) if front is None or (run_dir / REPORT_JSON).is_file() \
+        else None
+    if args.markdown:
+        if report is not None:
+            console.print((run_dir / REPORT_MD).read_text(), markup=False, highlight=False)
+        if front is not None:
+            console.print((run_dir / "search" / FRONTIER_MD).read_text(), markup=False,
+                          highlight=False)
         return EXIT_OK
-    console.print(render_table(report))
-    for r in report.stages:
-        for flag in r.flags:
-            console.print(f"[yellow]note[/] {r.name}: {flag}", highlight=False)
-    return EXIT_STAGE_FAILED if report.failed else EXIT_OK
+    if report is not None:
+        console.print(render_table(report))
+        for r in report.stages:
+            for flag in r.flags:
+                console.print(f"[yellow]note[/] {r.name}: {flag}", highlight=False)
+    if front is not None:
+        console.print(render_front(front))
+        console.print(summary(front), highlight=False, soft_wrap=True)
+    return EXIT_STAGE_FAILED if report is not None and report.failed else EXIT_OK
 
 
 def _graph(args: argparse.Namespace, console) -> int:

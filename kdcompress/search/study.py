@@ -1,0 +1,881 @@
+"""Trials through optuna: each one a concrete pipeline run by the runner into one run folder.
+
+>>> from kdcompress.search import Search, SearchConfig
+>>> search = Search(pipeline, SearchConfig(max_drop=1.0), RunOptions(out="runs/x"))
+... # doctest: +SKIP
+>>> result = search.run(trials=20)  # doctest: +SKIP
+
+What a trial is:
+
+- optuna's sampler (multi-objective TPE, or NSGA-II) picks a value for every search parameter;
+  :meth:`Pipeline.concrete` turns them into a plain pipeline, which the normal runner runs into
+  the search's run folder. The folder keeps one version per stage fingerprint
+  (:class:`~kdcompress.search.store.FingerprintStore`), so a stage whose inputs and constants a
+  previous trial already had is loaded, not run: the teacher trains once.
+- The objectives (``size``: bytes on disk, ``latency``: median ms at the largest batch timed) are
+  those of the target stage (the pipeline's final stage unless ``target=``); the constraint is
+  on validation accuracy: at most ``max_drop`` points below the baseline stage. Trials read the
+  validation split only (``RunOptions(read_test=False)``); the test split is read once the
+  trials are over, to measure the front.
+- Training stages report each epoch's validation accuracy (``ctx.epoch_end``); the ``budget``
+  pruner stops a trial whose stage is, at that epoch, below every trial that ended within the
+  budget (once :data:`PRUNE_AFTER` of them recorded that epoch). A pruned stage is not cached.
+- A value set already tried is not run again: the trial takes the earlier one's results.
+
+Study and workers: the study lives in ``RUN/search/study.db`` (SQLite) unless ``storage=`` names
+another optuna storage. Workers sharing the storage (and the run folder, on one machine) each run
+whole trials; together they stop at ``trials``. A trial records its worker (host and PID) and a
+heartbeat; a running trial whose worker is gone (its process ended on this host, or no
+heartbeat for four intervals) is marked failed and its values queued again, so a search killed
+at any moment resumes with no trial lost or repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdcompress.data import Task, digits
+from kdcompress.errors import (
+    KDCompressError,
+    PipelineError,
+    RunFailed,
+    UsageError,
+    did_you_mean,
+)
+from kdcompress.options import RunOptions
+from kdcompress.pipeline import Pipeline
+from kdcompress.progress import Progress, StageFinished
+from kdcompress.report import Report
+from kdcompress.search.front import (
+    FrontPoint,
+    SearchResult,
+    TrialSummary,
+    pareto,
+    write_best_file,
+)
+from kdcompress.search.live import SearchProgress
+from kdcompress.search.space import Choice, Param, values_text
+
+__all__ = ["Search", "SearchConfig", "OBJECTIVES", "SAMPLERS", "PRUNERS", "PRUNE_AFTER",
+           "DEFAULT_TRIALS"]
+
+#: What can be minimised, measured on the target stage.
+OBJECTIVES = {"size": "size on disk (bytes)",
+              "latency": "latency at the largest batch timed (batch 64), median (ms)"}
+SAMPLERS = ("tpe", "nsga2")
+PRUNERS = ("budget", "none")
+#: Trials within the budget that must have recorded a stage's epoch before the budget pruner
+#: compares a running trial with them there.
+PRUNE_AFTER = 3
+#: Trials of a search given neither ``trials`` nor ``timeout``.
+DEFAULT_TRIALS = 20
+#: A pruned trial counts as this many validation points over the budget.
+_PRUNED_OVER = 100.0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What a search optimises and how.
+
+    Attributes
+    ----------
+    objectives : tuple of str
+        Minimised on the target stage: ``"size"`` (bytes on disk), ``"latency"`` (median ms at
+        the largest batch timed). One or both.
+    max_drop : float
+        The budget: the target's validation accuracy may be at most this many points (percent)
+        below the baseline's.
+    target : str, optional
+        The stage whose model is optimised; the pipeline's final stage by default.
+    sampler : str
+        ``"tpe"`` (multi-objective TPE with constraints) or ``"nsga2"``.
+    pruner : str
+        ``"budget"`` (stop a trial that is behind every trial within the budget at the same
+        stage and epoch) or ``"none"``.
+    startup_trials : int
+        Trials sampled at random before TPE models the results; NSGA-II's population size.
+    seed : int
+        Seeds the sampler (the k-th worker to join a study uses ``seed + k``).
+    storage : str, optional
+        An optuna storage URL (``postgresql://...`` for workers on several machines);
+        ``sqlite:///RUN/search/study.db`` by default.
+    study_name : str, optional
+        The study's name in the storage; the pipeline's name by default.
+    heartbeat : float
+        Seconds between a running trial's heartbeats; a trial silent for four of them (or whose
+        process ended, on this host) is taken as dead and queued again.
+    """
+
+    objectives: tuple[str, ...] = ("size", "latency")
+    max_drop: float = 1.0
+    target: str | None = None
+    sampler: str = "tpe"
+    pruner: str = "budget"
+    startup_trials: int = 8
+    seed: int = 0
+    storage: str | None = None
+    study_name: str | None = None
+    heartbeat: float = 30.0
+
+    def check(self) -> None:
+        """Raise :class:`PipelineError` naming the first setting that cannot work."""
+        objectives = tuple(self.objectives)
+        if not objectives:
+            raise PipelineError(f"a search needs at least one objective: {', '.join(OBJECTIVES)}")
+        for name in objectives:
+            if name not in OBJECTIVES:
+                raise PipelineError(f"objective '{name}' is unknown."
+                                    f"{did_you_mean(name, OBJECTIVES)} Use "
+                                    f"{' or '.join(OBJECTIVES)}")
+        if len(set(objectives)) != len(objectives):
+            raise PipelineError(f"objectives {list(objectives)} name one objective twice")
+        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) \
+                or not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise PipelineError(f"max_drop must be a number of points >= 0, but got "
+                                f"{self.max_drop!r}")
+        for key, value, allowed in (("sampler", self.sampler, SAMPLERS),
+                                    ("pruner", self.pruner, PRUNERS)):
+            if value not in allowed:
+                raise PipelineError(f"{key} '{value}' is unknown.{did_you_mean(value, allowed)} "
+                                    f"Use {' or '.join(allowed)}")
+        if isinstance(self.startup_trials, bool) or not isinstance(self.startup_trials, int) \
+                or self.startup_trials < 2:
+            raise PipelineError(f"startup_trials must be an integer >= 2, but got "
+                                f"{self.startup_trials!r}")
+        if not self.heartbeat > 0:
+            raise PipelineError(f"heartbeat must be > 0 seconds, but got {self.heartbeat!r}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _readable(value: Any) -> Any:
+    """A parameter value for JSON and tables: itself when plain, else its repr."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+
+def _encode(param: Param, value: Any) -> Any:
+    """A value as optuna stores it (the index of a choice that is not plain)."""
+    return param.index(value) if isinstance(param, Choice) and not param.plain else value
+
+
+class _Heartbeat:
+    """Records ``time.time()`` in a running trial's ``heartbeat`` attribute every ``interval``
+    seconds, from a thread, until stopped."""
+
+    def __init__(self, trial: Any, interval: float) -> None:
+        self.trial, self.interval = trial, interval
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial.number}",
+                                       daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            with contextlib.suppress(Exception):  # a missed beat is only a later one
+                self.trial.set_user_attr("heartbeat", time.time())
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
+class _TrialObserver(Progress):
+    """The runner's events for one trial: which stages ran or came from the cache, their
+    artifacts, each epoch's validation accuracy (the pruner's input)."""
+
+    def __init__(self, search: Search, number: int, trial: Any = None,
+                 references: list[dict[str, dict[str, float]]] | None = None,
+                 recipes: Mapping[str, str] | None = None) -> None:
+        self.search, self.number, self.trial = search, number, trial
+        self.references = references or []
+        self.recipes = dict(recipes or {})
+        self.planned: set[str] = set()
+        self.ran: list[str] = []
+        self.cached: list[str] = []
+        self.fingerprints: dict[str, str] = {}
+        self.artifacts: dict[str, Any] = {}
+        self.curves: dict[str, dict[str, float]] = {}
+
+    def start(self, pipeline: str, planned: list[str]) -> None:
+        self.planned = set(planned)
+
+    def stage_started(self, name: str, function: str, cached: bool) -> None:
+        if name in self.planned:
+            (self.cached if cached else self.ran).append(name)
+        self.search.progress.stage_started(self.number, name, cached)
+
+    def epoch_callback(self, name: str) -> Any:
+        def update(description: str, completed: int, total: int, info: str = "") -> None:
+            self.search.progress.epoch(self.number, name, description, completed, total, info)
+
+        return update
+
+    def epoch_end(self, name: str, epoch: int, metrics: dict[str, float]) -> None:
+        value = metrics.get("val_accuracy")
+        if value is None or self.trial is None:
+            return  # no validation accuracy to judge by (or measuring the front)
+        # curves are compared between runs of one stage with the same settings (epochs,
+        # learning rate...): only its inputs differ
+        key = f"{name}@{self.recipes[name]}"
+        self.curves.setdefault(key, {})[str(epoch)] = float(value)
+        self.trial.set_user_attr("curves", self.curves)
+        reason = self.search.prune_reason(name, key, epoch, float(value), self.references)
+        if reason is not None:
+            import optuna
+
+            raise optuna.TrialPruned(reason)
+
+    def stage_finished(self, event: StageFinished) -> None:
+        self.fingerprints[event.name] = str(event.meta.get("fingerprint"))
+        self.artifacts[event.name] = event.artifact
+
+
+class Search:
+    """A search over a pipeline's parameters; :meth:`run` = :meth:`optimize` + :meth:`finish`.
+
+    Parameters
+    ----------
+    pipeline : Pipeline
+        A pipeline with search parameters (:attr:`Pipeline.params`).
+    config : SearchConfig, optional
+        Objectives, budget, sampler, pruner, storage.
+    options : RunOptions, optional
+        How each trial runs: run folder (``runs/<pipeline>`` by default; the study goes in its
+        ``search/``), device, data, latency threads, measurement settings.
+    progress : SearchProgress, optional
+        Receives the search's events (``RichSearchProgress()`` draws the live table).
+
+    Raises
+    ------
+    PipelineError
+        No search parameter, an unknown target, a target that is the baseline, several final
+        stages and no target, data without a validation split, ``fresh``/``only``/``until`` in
+        the options, or a setting of ``config`` that cannot work.
+    """
+
+    def __init__(self, pipeline: Pipeline, config: SearchConfig | None = None,
+                 options: RunOptions | None = None, *,
+                 progress: SearchProgress | None = None) -> None:
+        self.config = config = config or SearchConfig()
+        config.check()
+        options = options or RunOptions()
+        if not pipeline.params:
+            raise PipelineError(f"pipeline '{pipeline.name}' has no search parameter: write "
+                                "one as a stage constant, e.g. rank=ks.int(2, 12, default=8) "
+                                "with `from kdcompress import search as ks`")
+        for flag in ("fresh", "only", "until"):
+            if getattr(options, flag):
+                raise PipelineError(f"a search cannot run with {flag}: each trial runs the "
+                                    "whole pipeline, from the cache where it can")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise PipelineError("kdcompress search does not run under torchrun: start several "
+                                "search workers on one --storage instead")
+        pipeline.validate()
+        self.pipeline = pipeline
+        self.params = dict(pipeline.params)
+        self.options = options
+        self.task: Task = options.data or pipeline.data or digits()
+        if self.task.val is None:
+            raise PipelineError(f"data '{self.task.name}' has no validation split: a search "
+                                "chooses on validation accuracy and keeps the test split for "
+                                "the end; give one (data.from_tensors(..., x_val=, y_val=))")
+        self.order = pipeline.order()
+        self.baseline = pipeline.baseline_name()
+        self.target = self._target(config.target)
+        self.run_dir = options.run_dir(pipeline.name)
+        self.dir = self.run_dir / "search"
+        self.storage = config.storage or f"sqlite:///{(self.dir / 'study.db').absolute()}"
+        self.study_name = config.study_name or pipeline.name
+        self.host = socket.gethostname()
+        self.worker = f"{self.host}:{os.getpid()}"
+        self.progress = progress or SearchProgress()
+        sizes = [p.size for p in self.params.values()]
+        self.space_size = None if None in sizes else math.prod(s for s in sizes if s)
+        self._study: Any = None
+
+    def _target(self, name: str | None) -> str:
+        stages = self.pipeline.stages
+        if name is not None:
+            if name not in stages:
+                raise PipelineError(f"target '{name}' is not a stage of "
+                                    f"'{self.pipeline.name}'.{did_you_mean(name, stages)}")
+        else:
+            g = self.pipeline.graph()
+            finals = [n for n in self.order if g.out_degree(n) == 0]
+            if len(finals) > 1:
+                raise PipelineError(f"pipeline '{self.pipeline.name}' ends in several stages "
+                                    f"({', '.join(finals)}): choose the one to optimise with "
+                                    "target= (--target STAGE)")
+            name = finals[0]
+        if name == self.baseline:
+            raise PipelineError(f"target '{name}' is the baseline every stage is compared with: "
+                                "choose a later stage, or another baseline (Pipeline(baseline=))")
+        return name
+
+    # -- the study --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialises the workers of this run folder while they pick trials."""
+        import filelock
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(self.dir / ".search.lock")):
+            yield
+
+    def settings(self) -> dict[str, Any]:
+        """What a study is for; a study is resumed only with the same settings."""
+        doc = {"pipeline": self.pipeline.name, "data": [self.task.name, self.task.fingerprint],
+               "objectives": list(self.config.objectives), "max_drop": self.config.max_drop,
+               "target": self.target, "baseline": self.baseline,
+               "space": {n: p.describe() for n, p in self.params.items()}}
+        return json.loads(json.dumps(doc))
+
+    @property
+    def study(self) -> Any:
+        """The optuna study, created or resumed (under the workers' lock) on first use."""
+        if self._study is None:
+            with self._lock():
+                self._study = self._open()
+        return self._study
+
+    def _open(self) -> Any:
+        import optuna
+
+        storage: Any = self.storage
+        try:
+            if storage.startswith("sqlite:"):
+                storage = optuna.storages.RDBStorage(
+                    storage, engine_kwargs={"connect_args": {"timeout": 120}})
+            study = optuna.create_study(study_name=self.study_name, storage=storage,
+                                        directions=["minimize"] * len(self.config.objectives),
+                                        load_if_exists=True)
+        except Exception as exc:  # a bad URL, a database that is not there: the user's to fix
+            raise UsageError(f"cannot open the study '{self.study_name}' in {self.storage}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        settings = self.settings()
+        recorded = study.user_attrs.get("kdcompress")
+        if recorded is None:
+            study.set_user_attr("kdcompress", settings)
+            if all(p.has_default for p in self.params.values()):
+                study.enqueue_trial({n: _encode(p, p.default) for n, p in self.params.items()},
+                                    user_attrs={"default": True})
+        elif recorded != settings:
+            changed = [k for k in settings if recorded.get(k) != settings[k]]
+            raise UsageError(f"the study '{self.study_name}' in {self.storage} was made with "
+                             f"other {', '.join(changed)}: keep them to resume it, or start "
+                             "another study with --out DIR or --study-name NAME")
+        workers = int(study.user_attrs.get("kdcompress_workers", 0))
+        study.set_user_attr("kdcompress_workers", workers + 1)
+        study.sampler = self._sampler(self.config.seed + workers)
+        return study
+
+    def _sampler(self, seed: int) -> Any:
+        import optuna
+
+        kwargs: dict[str, Any] = {"seed": seed}
+        if not hasattr(optuna.trial.Trial, "set_constraint"):  # optuna < 5: constraints_func
+            kwargs["constraints_func"] = lambda t: [t.user_attrs["constraint"]]
+        with warnings.catch_warnings():  # multivariate and constant_liar are "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if self.config.sampler == "nsga2":
+                return optuna.samplers.NSGAIISampler(
+                    population_size=self.config.startup_trials, **kwargs)
+            return optuna.samplers.TPESampler(n_startup_trials=self.config.startup_trials,
+                                              multivariate=True, constant_liar=True, **kwargs)
+
+    @staticmethod
+    def _constrain(trial: Any, over: float) -> None:
+        """Record how many points over the budget a trial is (<= 0: within it)."""
+        if hasattr(trial, "set_constraint"):
+            trial.set_constraint("drop", over)
+        else:
+            trial.set_user_attr("constraint", over)
+
+    # -- counting trials --------------------------------------------------------------------
+
+    @staticmethod
+    def _retries(trials: list[Any]) -> dict[int, int]:
+        """``{failed trial: the trial queued to redo it}``."""
+        return {int(t.user_attrs["retry_of"]): t.number for t in trials
+                if "retry_of" in t.user_attrs}
+
+    def _counts(self, trials: list[Any]) -> list[Any]:
+        """The trials that count toward ``trials``: not those of a dead worker that were
+        queued again, not those asked beyond the total."""
+        import optuna
+
+        retried = self._retries(trials)
+        return [t for t in trials if not (t.state == optuna.trial.TrialState.FAIL and (
+            t.number in retried or t.user_attrs.get("surplus")))]
+
+    def _exhausted(self, trials: list[Any]) -> bool:
+        if self.space_size is None:
+            return False
+        tried = {json.dumps(t.params, sort_keys=True) for t in self._counts(trials)
+                 if len(t.params) == len(self.params)}
+        return len(tried) >= self.space_size
+
+    def _reclaim(self) -> None:
+        """Mark running trials of dead workers failed and queue their values again."""
+        import optuna
+
+        grace = 4 * self.config.heartbeat
+        now = time.time()
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+            seen = float(t.user_attrs.get("heartbeat") or t.datetime_start.timestamp())
+            if host == self.host and pid.isdigit() and (
+                    int(pid) == os.getpid() or not _pid_alive(int(pid))):
+                why = f"its process {pid} has ended"
+            elif now - seen > grace:
+                why = f"no heartbeat for {now - seen:.0f} s"
+            else:
+                continue
+            self._requeue(t.number, t.params, f"trial {t.number} was left running ({why})")
+
+    def _requeue(self, number: int, params: Mapping[str, Any], message: str) -> None:
+        import optuna
+
+        try:
+            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            return  # another worker finished or reclaimed it first
+        self.study.enqueue_trial(dict(params), user_attrs={"retry_of": number})
+        self.progress.warn(f"{message}: marked failed, its values queued again")
+
+    # -- trials -----------------------------------------------------------------------------
+
+    def optimize(self, trials: int | None = None, timeout: float | None = None) -> \
+            list[TrialSummary]:
+        """Run trials until the study holds ``trials`` of them (workers together), ``timeout``
+        seconds have passed, or every value set of a finite space was tried.
+
+        Parameters
+        ----------
+        trials : int, optional
+            Trials in the study when this worker stops, those of earlier runs and of other
+            workers included; :data:`DEFAULT_TRIALS` when neither limit is given.
+        timeout : float, optional
+            Start no trial after this many seconds.
+
+        Returns
+        -------
+        list of TrialSummary
+            The trials this call ran.
+        """
+        if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int)
+                                   or trials < 1):
+            raise PipelineError(f"trials must be an integer >= 1, but got {trials!r}")
+        if timeout is not None and not timeout > 0:
+            raise PipelineError(f"timeout must be > 0 seconds, but got {timeout!r}")
+        total = trials if trials is not None else (math.inf if timeout else DEFAULT_TRIALS)
+        study = self.study
+        self.progress.start(self.pipeline.name, self.params, self.run_dir,
+                            [self.summary(t) for t in study.get_trials(deepcopy=False)
+                             if t.state.is_finished()],
+                            {"objectives": self.config.objectives, "target": self.target,
+                             "baseline": self.baseline, "max_drop": self.config.max_drop})
+        started = time.monotonic()
+        done: list[TrialSummary] = []
+        while timeout is None or time.monotonic() - started < timeout:
+            trial = self._next(total)
+            if trial is None:
+                break
+            done.append(self._run_trial(trial))
+        return done
+
+    def _next(self, total: float) -> Any:
+        """The next trial for this worker (a queued one first), or ``None`` when done."""
+        import optuna
+
+        waiting_state = optuna.trial.TrialState.WAITING
+        with self._lock():
+            self._reclaim()
+            trials = self.study.get_trials(deepcopy=False)
+            if not any(t.state == waiting_state for t in trials):
+                if len(self._counts(trials)) >= total:
+                    return None
+                if self._exhausted(trials):
+                    self.progress.warn(f"every one of the {self.space_size} value sets of the "
+                                       "space has been tried")
+                    return None
+            trial = self.study.ask()
+            trial.set_user_attr("worker", self.worker)
+            trial.set_user_attr("heartbeat", time.time())
+        queued = "retry_of" in trial.user_attrs or "default" in trial.user_attrs
+        before = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
+        if not queued and len(self._counts(before)) >= total:
+            # a worker on another machine took the last trial at the same moment
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("note", "beyond the number of trials (another worker took the "
+                                        "last one first); not run")
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return None
+        return trial
+
+    def prune_reason(self, stage: str, key: str, epoch: int, value: float,
+                     references: list[dict[str, dict[str, float]]]) -> str | None:
+        """Why a trial whose ``stage`` reached validation accuracy ``value`` at ``epoch`` should
+        stop, or ``None``.
+
+        With the ``budget`` pruner: when at least :data:`PRUNE_AFTER` trials that ended within
+        the budget recorded that epoch of the stage run with the same settings (``key``: the
+        stage and a hash of its constants), and ``value`` is below every one of them.
+        """
+        if self.config.pruner == "none":
+            return None
+        others = [r[key][str(epoch)] for r in references if str(epoch) in r.get(key, {})]
+        if len(others) < PRUNE_AFTER or value >= min(others):
+            return None
+        return (f"'{stage}' epoch {epoch}: validation accuracy {100 * value:.2f}% is below every "
+                f"one of {len(others)} trials within the budget at that epoch (lowest "
+                f"{100 * min(others):.2f}%)")
+
+    def _references(self) -> list[dict[str, dict[str, float]]]:
+        import optuna
+
+        return [t.user_attrs.get("curves", {}) for t in self.study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if self._feasible(t)]
+
+    def _feasible(self, t: Any) -> bool:
+        drop = t.user_attrs.get("drop")
+        return drop is not None and drop <= self.config.max_drop + 1e-9
+
+    def _same_as(self, trial: Any) -> Any:
+        """A finished trial with the same values, whose results this one takes.
+
+        When an earlier trial with the same values is still running (another worker picked
+        them at the same moment), wait for it: a value set is run once.
+        """
+        import optuna
+
+        while True:
+            same = [t for t in self._counts(self.study.get_trials(deepcopy=False))
+                    if t.number != trial.number and t.params == trial.params
+                    and "duplicate_of" not in t.user_attrs]
+            done = next((t for t in same if t.state.is_finished()), None)
+            if done is not None:
+                return done
+            if not any(t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number
+                       for t in same):
+                return None
+            trial.set_user_attr("heartbeat", time.time())
+            time.sleep(min(1.0, self.config.heartbeat))
+            with self._lock():
+                self._reclaim()  # a worker that died running them frees the values
+
+    def _run_trial(self, trial: Any) -> TrialSummary:
+        import optuna
+
+        values = {n: p.suggest(trial, n) for n, p in self.params.items()}
+        same = self._same_as(trial)
+        if same is not None:
+            return self._repeat(trial, same)
+        self.progress.trial_started(trial.number, {n: _readable(v) for n, v in values.items()})
+        observer = _TrialObserver(self, trial.number)
+        started = time.perf_counter()
+        try:
+            concrete = self.pipeline.concrete(values)
+        except PipelineError as exc:  # a value that breaks a rule inside a constant
+            return self._end(trial, observer, started, optuna.trial.TrialState.FAIL, str(exc))
+        observer = _TrialObserver(self, trial.number, trial, self._references(),
+                                  {n: _recipe(st) for n, st in concrete.stages.items()})
+        try:
+            with _Heartbeat(trial, self.config.heartbeat):
+                report = self._run(concrete, self.dir / "trials" / f"{trial.number:04d}",
+                                   observer, read_test=False)
+        except RunFailed as exc:
+            if isinstance(exc.__cause__, optuna.TrialPruned):
+                return self._end(trial, observer, started, optuna.trial.TrialState.PRUNED,
+                                 str(exc.__cause__))
+            return self._end(trial, observer, started, optuna.trial.TrialState.FAIL, str(exc))
+        except BaseException:  # interrupted, or the run folder failed: the values are redone
+            with self._lock():
+                self._requeue(trial.number, trial.params, f"trial {trial.number} stopped")
+            raise
+        return self._complete(trial, observer, report, started)
+
+    def _run(self, pipeline: Pipeline, report_dir: Path, observer: _TrialObserver, *,
+             read_test: bool) -> Report:
+        from kdcompress.runner import run
+
+        options = dataclasses.replace(
+            self.options, by_fingerprint=True, read_test=read_test, report_dir=report_dir,
+            plot=False, measure_only=(self.target,),
+            until=None if self.target == self.order[-1] else self.target)
+        return run(pipeline, options, observer)
+
+    def _complete(self, trial: Any, observer: _TrialObserver, report: Report,
+                  started: float) -> TrialSummary:
+        import optuna
+
+        row, base = report.row(self.target), report.row(self.baseline)
+        if row is None or base is None or row.val_accuracy is None or base.val_accuracy is None:
+            return self._end(trial, observer, started, optuna.trial.TrialState.FAIL,
+                             f"'{self.target}' or '{self.baseline}' was not measured")
+        drop = round(100 * (base.val_accuracy - row.val_accuracy), 6)
+        objectives = _objectives(row, self.config.objectives)
+        for key, value in (("val_accuracy", row.val_accuracy),
+                           ("baseline_val_accuracy", base.val_accuracy), ("drop", drop),
+                           ("objectives", objectives),
+                           ("baseline_objectives", _objectives(base, self.config.objectives))):
+            trial.set_user_attr(key, value)
+        self._constrain(trial, drop - self.config.max_drop)
+        return self._end(trial, observer, started, optuna.trial.TrialState.COMPLETE, "",
+                         values=[objectives[o] for o in self.config.objectives])
+
+    def _end(self, trial: Any, observer: _TrialObserver, started: float, state: Any, note: str,
+             values: list[float] | None = None) -> TrialSummary:
+        import optuna
+
+        for key, value in (("ran", observer.ran), ("cached", observer.cached),
+                           ("seconds", round(time.perf_counter() - started, 3)),
+                           ("fingerprints", observer.fingerprints), ("note", note)):
+            trial.set_user_attr(key, value)
+        if state == optuna.trial.TrialState.PRUNED:
+            self._constrain(trial, _PRUNED_OVER)
+        frozen = self.study.tell(trial, values, state=state)
+        summary = self.summary(frozen)
+        self.progress.trial_finished(summary)
+        return summary
+
+    def _repeat(self, trial: Any, same: Any) -> TrialSummary:
+        """Take the results of an earlier trial with the same values."""
+        import optuna
+
+        for key in ("val_accuracy", "baseline_val_accuracy", "drop", "objectives",
+                    "baseline_objectives", "fingerprints"):
+            if key in same.user_attrs:
+                trial.set_user_attr(key, same.user_attrs[key])
+        constraints = getattr(same, "constraints", None) or {}
+        over = constraints.get("drop", same.user_attrs.get("constraint"))
+        if over is not None:
+            self._constrain(trial, over)
+        for key, value in (("ran", []), ("cached", []), ("seconds", 0.0),
+                           ("duplicate_of", same.number),
+                           ("note", f"same values as trial {same.number}")):
+            trial.set_user_attr(key, value)
+        done = same.state == optuna.trial.TrialState.COMPLETE
+        frozen = self.study.tell(trial, list(same.values) if done else None, state=same.state)
+        summary = self.summary(frozen)
+        self.progress.trial_finished(summary)
+        return summary
+
+    def summary(self, t: Any) -> TrialSummary:
+        """A study trial as a :class:`TrialSummary`."""
+        attrs = t.user_attrs
+        note = attrs.get("note", "")
+        state = t.state.name.lower().replace("fail", "failed")
+        if state == "failed" and not note:
+            retry = self._retries(self.study.get_trials(deepcopy=False)).get(t.number)
+            note = ("its worker stopped" + (f"; values queued again as trial {retry}"
+                                            if retry is not None else ""))
+        values = {n: _readable(p.decode(t.params[n])) for n, p in self.params.items()
+                  if n in t.params}
+        return TrialSummary(
+            number=t.number, state=state, values=values, objectives=attrs.get("objectives"),
+            val_accuracy=attrs.get("val_accuracy"),
+            baseline_val_accuracy=attrs.get("baseline_val_accuracy"), drop=attrs.get("drop"),
+            feasible=t.state.name == "COMPLETE" and self._feasible(t),
+            ran=list(attrs.get("ran", [])), cached=list(attrs.get("cached", [])),
+            seconds=attrs.get("seconds"), note=note, default=bool(attrs.get("default")),
+            baseline_objectives=attrs.get("baseline_objectives"))
+
+    # -- the front --------------------------------------------------------------------------
+
+    def finish(self) -> SearchResult:
+        """Measure the front on the test split and write ``RUN/search/frontier.*``,
+        ``best-<objective>.py`` and ``best-<objective>.onnx``.
+
+        The test split is read here, once no trial of the study runs or waits; while other
+        workers still run trials the result only counts them (``pending``) and nothing is
+        written: the last worker writes the front.
+        """
+        import optuna
+
+        with self._lock():
+            self._reclaim()
+        trials = self.study.get_trials(deepcopy=False)
+        result = SearchResult(pipeline=self.pipeline.name, data=self.task.name,
+                              target=self.target, baseline=self.baseline,
+                              objectives=tuple(self.config.objectives),
+                              max_drop=self.config.max_drop,
+                              trials=[self.summary(t) for t in trials])
+        result.pending = sum(not t.state.is_finished() for t in trials)
+        if result.pending:
+            self.progress.finished(result)
+            return result
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        candidates: dict[str, Any] = {}
+        for t in complete:  # one trial per value set: the first
+            if self._feasible(t):
+                candidates.setdefault(json.dumps(t.params, sort_keys=True), t)
+        chosen = list(candidates.values())
+        on_front = [chosen[i] for i in pareto([t.user_attrs["objectives"] for t in chosen],
+                                              self.config.objectives)]
+        first = self.config.objectives[0]
+        on_front.sort(key=lambda t: (t.user_attrs["objectives"][first], t.number))
+        if not on_front and complete:
+            closest = min(complete, key=lambda t: (t.user_attrs["drop"], t.number))
+            drop = closest.user_attrs["drop"]
+            result.closest_miss = {"trial": closest.number, "drop": drop,
+                                   "over": round(drop - self.config.max_drop, 6)}
+        self.progress.front_started(len(on_front))
+        self._measure_defaults(result, trials)
+        artifacts: dict[int, Any] = {}
+        for t in on_front:
+            point, artifact = self._measure_point(t, result)
+            if point is not None:
+                result.front.append(point)
+                artifacts[t.number] = artifact
+        self._choose_best(result, artifacts)
+        result.save(self.dir, plot_png=self.options.plot)
+        self.progress.finished(result)
+        return result
+
+    def run(self, trials: int | None = None, timeout: float | None = None) -> SearchResult:
+        """:meth:`optimize`, then :meth:`finish`."""
+        self.optimize(trials, timeout)
+        return self.finish()
+
+    def _measure(self, values: Mapping[str, Any], name: str) -> tuple[Report, _TrialObserver]:
+        observer = _TrialObserver(self, -1)
+        report = self._run(self.pipeline.concrete(values), self.dir / "front" / name, observer,
+                           read_test=True)
+        return report, observer
+
+    def _measure_point(self, t: Any, result: SearchResult) -> tuple[FrontPoint | None, Any]:
+        values = {n: p.decode(t.params[n]) for n, p in self.params.items()}
+        try:
+            report, observer = self._measure(values, f"{t.number:04d}")
+        except RunFailed as exc:
+            result.notes.append(f"trial {t.number} could not be measured on the test split: "
+                                f"{exc}")
+            return None, None
+        row = report.row(self.target)
+        assert row is not None and row.accuracy is not None
+        point = FrontPoint(trial=t.number, values={n: _readable(v) for n, v in values.items()},
+                           objectives=t.user_attrs["objectives"],
+                           val_accuracy=t.user_attrs["val_accuracy"], drop=t.user_attrs["drop"],
+                           accuracy=row.accuracy, agreement=row.agreement,
+                           size_bytes=row.size_bytes, latency_ms=row.latency_ms)
+        return point, observer.artifacts[self.target]
+
+    def _measure_defaults(self, result: SearchResult, trials: list[Any]) -> None:
+        """The baseline and the file's default pipeline, measured like the front."""
+        if not all(p.has_default for p in self.params.values()):
+            result.notes.append("some search parameters have no default: the file's default "
+                                "pipeline is not shown")
+            return
+        defaults = {n: p.default for n, p in self.params.items()}
+        number = next((t.number for t in trials if t.user_attrs.get("default")), None)
+        try:
+            report, _ = self._measure(defaults, "default")
+        except RunFailed as exc:
+            result.notes.append(f"the default pipeline could not be measured: {exc}")
+            return
+        base, row = report.row(self.baseline), report.row(self.target)
+        assert base is not None and row is not None
+        result.baseline_point = _point(base, self.baseline, {}, None)
+        result.default_point = _point(row, number, {n: _readable(v) for n, v in
+                                                    defaults.items()},
+                                      None if base.val_accuracy is None or row.val_accuracy is None
+                                      else round(100 * (base.val_accuracy - row.val_accuracy), 6))
+
+    def _choose_best(self, result: SearchResult, artifacts: dict[int, Any]) -> None:
+        """For each objective, the front point best at it; its pipeline file and model."""
+        for objective in self.config.objectives:
+            if not result.front:
+                return
+            best = min(result.front, key=lambda p: (p.objectives[objective], -p.val_accuracy,
+                                                    p.trial))
+            best.best_for.append(objective)
+            result.best[objective] = best.trial
+            trial = self.study.trials[best.trial]
+            values = {n: p.decode(trial.params[n]) for n, p in self.params.items()}
+            header = [f"best-{objective}: trial {best.trial} of the search in {self.run_dir} "
+                      f"({values_text({n: _readable(v) for n, v in values.items()})})",
+                      f"validation {100 * best.val_accuracy:.2f}% ({best.drop:+.2f} points "
+                      f"against '{self.baseline}'), test {100 * best.accuracy:.2f}%, "
+                      f"{_objectives_text(best.objectives)}",
+                      f"`kdcompress run {self.dir / f'best-{objective}.py'} --out "
+                      f"{self.run_dir}` loads every stage from the search's cache"]
+            try:
+                write_best_file(self.dir / f"best-{objective}.py", self.params, values,
+                                header=header)
+                best.files["pipeline"] = f"best-{objective}.py"
+            except KDCompressError as exc:
+                result.notes.append(f"best-{objective}.py not written: {exc}")
+            try:
+                self._write_onnx(artifacts[best.trial], self.dir / f"best-{objective}.onnx")
+                best.files["onnx"] = f"best-{objective}.onnx"
+            except (KDCompressError, OSError) as exc:
+                result.notes.append(f"best-{objective}.onnx not written: {exc}")
+
+    def _write_onnx(self, artifact: Any, path: Path) -> None:
+        from kdcompress.artifacts import OnnxModel
+
+        if not isinstance(artifact, OnnxModel):  # a torch target: exported as it would ship
+            from kdcompress.stages import export_onnx
+
+            artifact = export_onnx(artifact, data=self.task)
+        for old in (path, path.with_name(path.name + ".data")):
+            if old.exists():
+                old.unlink()
+        tmp = artifact.copy_to(path.parent / f".tmp-{os.getpid()}", path.name)
+        for file in tmp.files:
+            os.replace(file, path.parent / file.name)
+        shutil.rmtree(tmp.path.parent, ignore_errors=True)
+
+
+def _recipe(stage: Any) -> str:
+    """A short hash of a stage's function and constants (not its inputs)."""
+    from kdcompress.fingerprint import fingerprint_constant, sha256_hex
+
+    doc = {"function": stage.function_name,
+           "constants": {k: fingerprint_constant(v) for k, v in sorted(stage.constants.items())}}
+    return sha256_hex(json.dumps(doc, sort_keys=True, default=str).encode())[:12]
+
+
+def _objectives(row: Any, names: tuple[str, ...]) -> dict[str, float]:
+    latency = row.batch_latency() or {}
+    values = {"size": float(row.size_bytes), "latency": latency.get("p50")}
+    return {n: float(values[n]) for n in names if values[n] is not None}
+
+
+def _objectives_text(objectives: Mapping[str, float]) -> str:
+    from kdcompress.report import format_bytes
+
+    return ", ".join(format_bytes(int(v)) if k == "size" else f"{v:.3f} ms {k}"
+                     for k, v in objectives.items())
+
+
+def _point(row: Any, trial: Any, values: dict[str, Any], drop: float | None) -> dict[str, Any]:
+    return {"trial": trial, "values": values, "accuracy": row.accuracy,
+            "val_accuracy": row.val_accuracy, "agreement": row.agreement, "drop": drop,
+            "size_bytes": row.size_bytes, "latency_ms": row.latency_ms}

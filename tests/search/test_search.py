@@ -1,0 +1,286 @@
+"""A search end to end on digits: trials share the cache, the test split stays unread until the
+front is measured, the best pipeline files run from the cache, pruning stops a trial."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kdcompress import Pipeline, data, models
+from kdcompress import search as ks
+from kdcompress.cli import load_pipeline, main
+from kdcompress.data import Task
+from kdcompress.options import RunOptions
+from kdcompress.search.front import best_file_text, pareto
+from kdcompress.search.live import SearchProgress
+from kdcompress.search.study import Search, SearchConfig
+from kdcompress.stages import train
+
+PIPELINES = Path(__file__).resolve().parent / "pipelines"
+
+
+class ReadTooEarly(Exception):
+    """Raised by the guarded test split when something reads it during the search."""
+
+
+class GuardedSplit(Dataset):
+    """A split that raises while ``locked`` and records every attempt to read it."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.locked = True
+        self.attempts: list[str] = []
+
+    def __len__(self) -> int:
+        if self.locked:
+            self.attempts.append("len")
+            raise ReadTooEarly("the test split was read before the search ended")
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        if self.locked:
+            self.attempts.append(f"item {i}")
+            raise ReadTooEarly("the test split was read before the search ended")
+        return self.x[i], self.y[i]
+
+
+class Unlock(SearchProgress):
+    """Opens the test split when the search says its trials are over; records the order."""
+
+    def __init__(self, split: GuardedSplit) -> None:
+        self.split = split
+        self.events: list[str] = []
+
+    def trial_finished(self, trial) -> None:
+        self.events.append(f"trial {trial.number} {trial.state}")
+
+    def front_started(self, count: int) -> None:
+        self.events.append("front")
+        self.split.locked = False
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, fast_measure):
+    """Six trials of tests/search/pipelines/tiny_search.py on digits whose test split raises
+    until the front is measured."""
+    digits = data.digits()
+    x, y = digits.arrays("test")
+    split = GuardedSplit(x, y)
+    # the same images and labels as digits(), so the same fingerprint: the best files, which
+    # load digits() themselves, find the search's stages
+    task = Task(name="digits", train=digits.train, val=digits.val, test=split,
+                num_classes=10, input_shape=digits.input_shape, fingerprint=digits.fingerprint)
+    run = tmp_path_factory.mktemp("search") / "run"
+    progress = Unlock(split)
+    search = Search(load_pipeline(PIPELINES / "tiny_search.py"),
+                    SearchConfig(objectives=("size", "latency"), max_drop=30.0,
+                                 startup_trials=3),
+                    RunOptions(out=run, data=task, measure=fast_measure), progress=progress)
+    result = search.run(trials=6)
+    return {"run": run, "result": result, "split": split, "progress": progress,
+            "search": search}
+
+
+def test_trials_share_the_cache_and_the_teacher_trains_once(searched):
+    result = searched["result"]
+    trials = result.trials
+    assert len(trials) == 6 and all(t.state in ("complete", "pruned") for t in trials)
+    assert trials[0].default and trials[0].values == {"student.rank": 2, "tuned.epochs": 1,
+                                                      "tuned.lr": 0.002}
+    ran = [s for t in trials for s in t.ran]
+    assert ran.count("teacher") == 1
+    assert sum("teacher" in t.cached for t in trials) >= 5 - sum(
+        bool(t.note.startswith("same values")) for t in trials)
+    # every distinct version of a stage was computed once, whatever trial needed it again
+    run = searched["run"]
+    for stage in ("teacher", "student", "tuned"):
+        computed = sum(stage in t.ran for t in trials)
+        stored = [p for p in (run / "stages" / stage).iterdir()
+                  if p.is_dir() and not p.name.startswith(".")]
+        assert computed == len(stored), stage
+    assert result.stage_counts()[1] > 0
+
+
+def test_the_test_split_is_read_only_after_the_last_trial(searched):
+    split, events = searched["split"], searched["progress"].events
+    assert events.index("front") == len(searched["result"].trials)  # after every trial
+    assert split.attempts == []  # no trial tried to read it (each attempt would have raised)
+    trials_dir = searched["run"] / "search" / "trials"
+    for report in trials_dir.glob("*/report.json"):
+        rows = json.loads(report.read_text())["stages"]
+        assert rows and all(r["accuracy"] is None and r["agreement"] is None for r in rows)
+        assert all(r["val_accuracy"] is not None for r in rows)
+    result = searched["result"]
+    assert result.front and all(p.accuracy is not None for p in result.front)
+    assert result.baseline_point["accuracy"] is not None
+
+
+def test_the_front_is_the_pareto_set_of_trials_within_the_budget(searched):
+    result = searched["result"]
+    complete = [t for t in result.trials if t.state == "complete" and t.feasible]
+    objectives = [t.objectives for t in complete]
+    front = {complete[i].number for i in pareto(objectives, result.objectives)}
+    distinct = {p.trial for p in result.front}
+    assert distinct <= front and distinct  # one point per value set
+    for p in result.front:
+        assert p.drop <= result.max_drop
+        others = [t for t in complete if t.number not in distinct]
+        assert not any(all(t.objectives[o] <= p.objectives[o] for o in result.objectives)
+                       and any(t.objectives[o] < p.objectives[o] for o in result.objectives)
+                       for t in others)
+    assert set(result.best) == {"size", "latency"}
+    best_size = min(result.front, key=lambda p: (p.objectives["size"], -p.val_accuracy))
+    assert result.best["size"] == best_size.trial
+
+
+def test_the_search_writes_its_files(searched):
+    folder = searched["run"] / "search"
+    doc = json.loads((folder / "frontier.json").read_text())
+    assert doc["pending"] == 0 and len(doc["trials"]) == 6
+    assert doc["counts"] == searched["result"].counts()
+    assert [p["trial"] for p in doc["front"]] == [p.trial for p in searched["result"].front]
+    md = (folder / "frontier.md").read_text()
+    assert "## Front (test split read after the search)" in md and "best size: trial" in md
+    assert (folder / "frontier.png").stat().st_size > 10_000
+    assert (folder / "study.db").is_file()
+    for objective in ("size", "latency"):
+        onnx = folder / f"best-{objective}.onnx"
+        assert onnx.stat().st_size > 0
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+        x, y = data.digits().arrays("test")
+        logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        point = next(p for p in searched["result"].front if objective in p.best_for)
+        assert np.mean(logits.argmax(1) == y.numpy()) == pytest.approx(point.accuracy, abs=1e-6)
+
+
+def test_a_best_file_runs_entirely_from_the_cache_with_the_same_rows(searched, capsys):
+    run, result = searched["run"], searched["result"]
+    best = result.best["size"]
+    point = next(p for p in result.front if p.trial == best)
+    path = run / "search" / "best-size.py"
+    text = path.read_text()
+    assert "ks.int" not in text and "ks.choice" not in text and "ks.float" not in text
+    assert f"rank={point.values['student.rank']}" in text
+    assert main(["run", str(path), "--out", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert [r["cached"] for r in report["stages"]] == [True, True, True]
+    tuned = report["stages"][-1]
+    front_report = json.loads((run / "search" / "front" / f"{best:04d}" /
+                               "report.json").read_text())
+    measured = front_report["stages"][-1]
+    for key in ("accuracy", "val_accuracy", "agreement", "size_bytes", "params", "macs"):
+        assert tuned[key] == measured[key], key
+    assert tuned["accuracy"] == point.accuracy
+    # `kdcompress report RUN` shows the run's table and the search's front
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "search front" in out and "best for" in out and "tuned" in out
+
+
+def test_a_resumed_search_with_other_settings_is_refused(searched):
+    from kdcompress.errors import UsageError
+
+    search = searched["search"]
+    other = Search(search.pipeline, SearchConfig(objectives=("size",), max_drop=30.0),
+                   search.options)
+    with pytest.raises(UsageError, match="was made with other objectives: keep them to resume "
+                                         "it, or start another study"):
+        other.optimize(trials=1)
+
+
+def test_best_file_keeps_the_listed_source_of_a_chosen_value(tmp_path):
+    file = tmp_path / "p.py"
+    file.write_text(
+        "from kdcompress import Pipeline, models\n"
+        "from kdcompress import search as ks\n"
+        "from kdcompress.losses import CE, KD\n"
+        "from kdcompress.stages import train, distill\n"
+        "pipeline = Pipeline('p')\n"
+        "t = pipeline.stage(train, out='t', model=models.cnn(width=8), epochs=1)\n"
+        "s = pipeline.stage(distill, out='s', student=models.cnn(width=ks.choice([4, 8])),\n"
+        "                   teacher=t, loss=ks.choice([KD(temperature=4) * 0.9 + CE() * 0.1,\n"
+        "                                              CE()]),  # the loss\n"
+        "                   epochs=ks.int(1, 3))\n")
+    pipeline = load_pipeline(file)
+    loss = pipeline.params["s.loss"].values[0]
+    _, text = best_file_text(pipeline.params, {"s.student.width": 8, "s.loss": loss,
+                                               "s.epochs": 2}, header=["chosen"])
+    assert text.startswith("# chosen\n")
+    assert ("student=models.cnn(width=8),\n                   teacher=t, "
+            "loss=KD(temperature=4) * 0.9 + CE() * 0.1,  # the loss\n"
+            "                   epochs=2)") in text
+    written = tmp_path / "best.py"
+    written.write_text(text)
+    assert load_pipeline(written).params == {}
+
+
+# -- pruning ----------------------------------------------------------------------------------
+
+def shrink(model: nn.Module, *, factor: float = 1.0) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
+    return model
+
+
+def tune(model: nn.Module, *, epochs: int = 3, data=None, ctx=None) -> nn.Module:
+    """Reports the validation accuracy of its input each epoch, as a training stage does."""
+    x, y = data.arrays("val")
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    for epoch in range(1, epochs + 1):
+        ctx.epoch_end(epoch, {"val_accuracy": acc, "loss": 1.0})
+    return model
+
+
+def test_a_trial_behind_every_trial_within_budget_is_pruned_and_not_cached(fast_measure,
+                                                                          tmp_path):
+    pipeline = Pipeline("pruning", data=data.digits(), seed=0)
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8, hidden=16),
+                             epochs=2)
+    shrunk = pipeline.stage(shrink, out="shrunk", model=teacher,
+                            factor=ks.choice([1.0, 0.9, 0.8, 0.0]))
+    pipeline.stage(tune, out="tuned", model=shrunk)
+    run = tmp_path / "run"
+    search = Search(pipeline, SearchConfig(objectives=("size",), max_drop=50.0),
+                    RunOptions(out=run, measure=fast_measure, plot=False))
+    for factor in (1.0, 0.9, 0.8, 0.0):  # three trials within budget, then a ruined model
+        search.study.enqueue_trial({"shrunk.factor": factor})
+    trials = search.optimize(trials=4)
+    assert [t.state for t in trials] == ["complete", "complete", "complete", "pruned"]
+    assert trials[3].note.startswith("'tuned' epoch 1: validation accuracy")
+    assert "below every one of 3 trials within the budget" in trials[3].note
+    stored = [p for p in (run / "stages" / "tuned").iterdir() if p.is_dir()
+              and not p.name.startswith(".")]
+    assert len(stored) == 3  # the pruned stage left nothing in the cache
+    frozen = search.study.trials[3]
+    assert frozen.state == optuna.trial.TrialState.PRUNED
+    assert "tuned@" in next(iter(frozen.user_attrs["curves"]))
+
+
+def test_no_trial_within_budget_exits_0_and_says_by_how_much(capsys, tmp_path):
+    code = main(["search", str(PIPELINES / "lossy_search.py"), "--out", str(tmp_path / "run"),
+                 "--trials", "2", "--max-drop", "0.5", "--objectives", "size"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "No trial met the budget of 0.5 points: the closest, trial" in out
+    doc = json.loads((tmp_path / "run" / "search" / "frontier.json").read_text())
+    miss = doc["closest_miss"]
+    assert doc["front"] == [] and miss["over"] == pytest.approx(miss["drop"] - 0.5)
+    assert miss["drop"] == min(t["drop"] for t in doc["trials"])
+    assert not list((tmp_path / "run" / "search").glob("best-*"))
+
+
+def test_search_refuses_an_invalid_space_with_exit_code_2(capsys, tmp_path):
+    code = main(["search", str(PIPELINES / "bad_space.py"), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "step 2 does not divide the range 2..9" in capsys.readouterr().err
