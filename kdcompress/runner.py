@@ -117,7 +117,7 @@ class Runner:
                              world_size=distributed.world_size(), data=self.task.name,
                              threads=config.threads, baseline=pipeline.baseline_name(),
                              edges=[list(e) for e in pipeline.graph().edges])
-        self.progress = progress or NullProgress()
+        self.progress = (progress or NullProgress()) if self.main else NullProgress()
         self.observers: list[Progress] = [
             Measurer(self.task, config, self.order, read_test=options.read_test,
                      only=options.measure_only),
