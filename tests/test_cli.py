@@ -39,6 +39,7 @@ def load(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_run_writes_every_artifact_and_the_report(tiny_run):
     for name in ("report.json", "report.md", "report.png"):
         assert (tiny_run / name).is_file()
@@ -52,6 +53,7 @@ def test_run_writes_every_artifact_and_the_report(tiny_run):
     assert doc["failed"] is None
 
 
+@pytest.mark.slow
 def test_second_run_is_all_cached(tiny_run, capsys):
     assert main(["run", pipeline_file("tiny.py"), "--out", str(tiny_run)]) == 0
     assert [r["cached"] for r in load(tiny_run)["stages"]] == [True, True]
@@ -70,6 +72,7 @@ def test_until_and_fresh(tmp_path):
     assert load(out)["stages"][0]["cached"] is False
 
 
+@pytest.mark.slow
 def test_report_and_graph_print_the_stages(tiny_run, capsys):
     assert main(["report", str(tiny_run)]) == 0
     out = capsys.readouterr().out

@@ -33,6 +33,7 @@ def _torchrun(pipeline: Path, out: Path, port: int) -> subprocess.CompletedProce
         capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_torchrun_two_processes_train_data_parallel(tmp_path):
     out = tmp_path / "run"
@@ -49,6 +50,7 @@ def test_torchrun_two_processes_train_data_parallel(tmp_path):
     assert proc.stdout.count("report: ") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_torchrun_distill_with_adapters_matches_across_processes(tmp_path):
     """distill runs data-parallel too; its feature adapter's gradients are averaged."""
