@@ -45,7 +45,8 @@ def test_run_writes_every_artifact_and_the_report(tiny_run):
         assert (tiny_run / name).is_file()
     for stage in ("teacher", "student"):
         folder = tiny_run / "stages" / stage
-        assert {"meta.json", "module.json", "weights.safetensors"} <= {p.name for p in folder.iterdir()}
+        files = {p.name for p in folder.iterdir()}
+        assert {"meta.json", "module.json", "weights.safetensors"} <= files
     doc = load(tiny_run)
     assert doc["pipeline"] == "tiny"
     assert [r["name"] for r in doc["stages"]] == ["teacher", "student"]

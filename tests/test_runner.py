@@ -12,9 +12,8 @@ from torch import nn
 
 from kdcompress import Pipeline, data, models
 from kdcompress.artifacts import load_module
-from kdcompress.errors import PipelineError
+from kdcompress.errors import PipelineError, RunFailed
 from kdcompress.report import load_report
-from kdcompress.errors import RunFailed
 
 #: Stage names in the order their user functions were called (the scheduler's cache is
 #: only trustworthy if a cached stage's function is never called).
