@@ -114,8 +114,8 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--out", help="run folder shared by every trial, with the study in "
                         "search/ (default runs/<pipeline name>, or runs/<name>-<data>)")
     search.add_argument("--trials", type=int, metavar="N",
-                        help="trials in the study when the search stops, earlier runs' and "
-                        "other workers' included (default 20 without --timeout)")
+                        help="value sets tried in the study when the search stops, earlier "
+                        "runs' and other workers' included (default 20 without --timeout)")
     search.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="start no trial after this many seconds")
     search.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",

@@ -511,8 +511,13 @@ def best_file_text(params: Mapping[str, Param], values: Mapping[str, Any], *,
     if not path.is_file():
         raise KDCompressError(f"the search parameters were written in {path}, which is not a "
                               "file (an interactive session?): no file can be rewritten")
-    source = path.read_text(encoding="utf-8")
-    tree = ast.parse(source)
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError) as exc:
+        raise KDCompressError(f"the search parameters were written in {path}, which cannot be "
+                              f"read back as Python ({type(exc).__name__}): no file can be "
+                              "rewritten") from exc
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
     lines = source.splitlines(keepends=True)
     offsets = [0]

@@ -20,7 +20,8 @@ What a trial is:
 - Training stages report each epoch's validation accuracy (``ctx.epoch_end``); the ``budget``
   pruner stops a trial whose stage is, at that epoch, below every trial that ended within the
   budget (once :data:`PRUNE_AFTER` of them recorded that epoch). A pruned stage is not cached.
-- A value set already tried is not run again: the trial takes the earlier one's results.
+- A value set already tried is not run again: the trial takes the earlier one's results and does
+  not count toward the number of trials asked for.
 
 Study and workers: the study lives in ``RUN/search/study.db`` (SQLite) unless ``storage=`` names
 another optuna storage. Workers sharing the storage (and the run folder, on one machine) each run
@@ -70,7 +71,7 @@ from kdcompress.search.live import SearchProgress
 from kdcompress.search.space import Choice, Param, values_text
 
 __all__ = ["Search", "SearchConfig", "OBJECTIVES", "SAMPLERS", "PRUNERS", "PRUNE_AFTER",
-           "DEFAULT_TRIALS"]
+           "DEFAULT_TRIALS", "MAX_REPEATS"]
 
 #: What can be minimised, measured on the target stage.
 OBJECTIVES = {"size": "size on disk (bytes)",
@@ -82,6 +83,8 @@ PRUNERS = ("budget", "none")
 PRUNE_AFTER = 3
 #: Trials of a search given neither ``trials`` nor ``timeout``.
 DEFAULT_TRIALS = 20
+#: Proposals in a row of value sets already tried after which a worker stops.
+MAX_REPEATS = 25
 #: A pruned trial counts as this many validation points over the budget.
 _PRUNED_OVER = 100.0
 
@@ -425,13 +428,15 @@ class Search:
                 if "retry_of" in t.user_attrs}
 
     def _counts(self, trials: list[Any]) -> list[Any]:
-        """The trials that count toward ``trials``: not those of a dead worker that were
-        queued again, not those asked beyond the total."""
+        """The trials that count toward ``trials``: each value set once (a trial repeating an
+        earlier one's values takes its results and does not count), not those of a dead worker
+        that were queued again, not those asked beyond the total."""
         import optuna
 
         retried = self._retries(trials)
-        return [t for t in trials if not (t.state == optuna.trial.TrialState.FAIL and (
-            t.number in retried or t.user_attrs.get("surplus")))]
+        return [t for t in trials if "duplicate_of" not in t.user_attrs and not (
+            t.state == optuna.trial.TrialState.FAIL and (
+                t.number in retried or t.user_attrs.get("surplus")))]
 
     def _exhausted(self, trials: list[Any]) -> bool:
         if self.space_size is None:
@@ -478,8 +483,10 @@ class Search:
         Parameters
         ----------
         trials : int, optional
-            Trials in the study when this worker stops, those of earlier runs and of other
-            workers included; :data:`DEFAULT_TRIALS` when neither limit is given.
+            Value sets tried in the study when this worker stops, those of earlier runs and of
+            other workers included (a trial the sampler proposed with values already tried is
+            recorded with the earlier results and does not count); :data:`DEFAULT_TRIALS` when
+            neither limit is given.
         timeout : float, optional
             Start no trial after this many seconds.
 
@@ -502,11 +509,18 @@ class Search:
                              "baseline": self.baseline, "max_drop": self.config.max_drop})
         started = time.monotonic()
         done: list[TrialSummary] = []
+        repeats = 0
         while timeout is None or time.monotonic() - started < timeout:
             trial = self._next(total)
             if trial is None:
                 break
             done.append(self._run_trial(trial))
+            repeats = repeats + 1 if done[-1].note.startswith("same values") else 0
+            if repeats >= MAX_REPEATS:
+                self.progress.warn(f"the sampler proposed {repeats} value sets in a row that "
+                                   "were tried before: stopping (widen the space, or change "
+                                   "--seed)")
+                break
         return done
 
     def _next(self, total: float) -> Any:
