@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from kdcompress import data
+from kdcompress import OnnxModel, data, models
 from kdcompress.metrics import MeasureConfig
 
 # The suite shares two cores with whatever else runs; one intra-op thread avoids oversubscription.
@@ -16,6 +17,23 @@ torch.set_num_threads(1)
 def digits_task() -> data.Task:
     """scikit-learn's 8x8 digits, the embedded default data."""
     return data.digits()
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(digits_task: data.Task) -> nn.Module:
+    """``models.cnn(width=16, hidden=64)`` trained 4 epochs on digits, shared by the stage tests
+    (stages copy their inputs, so no test can change it for another)."""
+    from kdcompress.stages import train
+
+    return train(models.cnn(width=16, hidden=64), epochs=4, data=digits_task)
+
+
+@pytest.fixture(scope="session")
+def cnn_onnx(trained_cnn: nn.Module, digits_task: data.Task) -> OnnxModel:
+    """:func:`trained_cnn` exported to ONNX (fp32)."""
+    from kdcompress.stages import export_onnx
+
+    return export_onnx(trained_cnn, data=digits_task)
 
 
 @pytest.fixture(scope="session")

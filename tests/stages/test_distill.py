@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from kdcompress import Pipeline
-from kdcompress import data as kd_data
 from kdcompress.context import StageContext
 from kdcompress.errors import DivergedError, LossError, PipelineError, StageError
 from kdcompress.losses import AT, CE, KD, RKD, FitNet
@@ -33,8 +32,8 @@ class Net(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def task():
-    return kd_data.digits()
+def task(digits_task):
+    return digits_task
 
 
 @pytest.fixture(scope="module")

@@ -48,13 +48,13 @@ class Noisy(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def task() -> data.Task:
-    return data.digits()
+def task(digits_task: data.Task) -> data.Task:
+    return digits_task
 
 
 @pytest.fixture(scope="module")
-def trained(task: data.Task) -> nn.Module:
-    return train(models.cnn(width=16, hidden=64), epochs=2, data=task)
+def trained(trained_cnn: nn.Module) -> nn.Module:
+    return trained_cnn
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,17 @@ from kdcompress.artifacts import load_module, save_module
 from kdcompress.context import StageContext
 from kdcompress.errors import PipelineError, StageError
 from kdcompress.stages.prune import channel_counts, prune
-from kdcompress.stages.train import train
 from kdcompress.training import accuracy
 
 
 @pytest.fixture(scope="module")
-def task() -> data.Task:
-    return data.digits()
+def task(digits_task: data.Task) -> data.Task:
+    return digits_task
 
 
 @pytest.fixture(scope="module")
-def trained(task: data.Task) -> nn.Module:
-    return train(models.cnn(width=16, hidden=64), epochs=4, data=task)
+def trained(trained_cnn: nn.Module) -> nn.Module:
+    return trained_cnn
 
 
 def n_params(model: nn.Module) -> int:

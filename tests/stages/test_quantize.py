@@ -26,14 +26,13 @@ from kdcompress.stages.train import train
 
 
 @pytest.fixture(scope="module")
-def task() -> data.Task:
-    return data.digits()
+def task(digits_task: data.Task) -> data.Task:
+    return digits_task
 
 
 @pytest.fixture(scope="module")
-def cnn_fp32(task: data.Task) -> OnnxModel:
-    model = train(models.cnn(width=16, hidden=64), epochs=4, data=task)
-    return export_onnx(model, data=task)
+def cnn_fp32(cnn_onnx: OnnxModel) -> OnnxModel:
+    return cnn_onnx
 
 
 @pytest.fixture(scope="module")
