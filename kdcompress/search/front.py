@@ -271,13 +271,13 @@ def _plural(n: int, word: str) -> str:
 
 def front_cells(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the front table (markdown and terminal)."""
-    names = list(doc["front"][0]["values"]) if doc["front"] else []
+    names = list(doc["trials"][0]["values"]) if doc["trials"] else []
     header = (["trial"] + names + ["val", "drop", "test", "agreement", "size", "b1 ms", "b64 ms",
                                    "best for"])
     rows = []
     for p in doc["front"]:
         lat = p["latency_ms"]
-        rows.append([str(p["trial"])] + [_cell(p["values"][n]) for n in names] + [
+        rows.append([str(p["trial"])] + [_cell(p["values"].get(n, "")) for n in names] + [
             _percent(p["val_accuracy"]), f"{p['drop']:+.2f}", _percent(p["accuracy"]),
             _percent(p["agreement"]), format_bytes(p["size_bytes"]),
             f"{lat['batch_1']['p50']:.3f}" if "batch_1" in lat else "-",

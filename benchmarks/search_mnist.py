@@ -1,0 +1,99 @@
+"""`kdcompress search` of the flagship pipeline on MNIST within a wall-clock budget.
+
+Run by hand (it is not a test)::
+
+    python benchmarks/search_mnist.py --data DIR                     # 45 minutes of trials
+    python benchmarks/search_mnist.py --data DIR --budget-minutes 2 --train-limit 600   # a check
+
+The search (pipelines/tt_distill_quant_search.py: TT rank, pruning ratio, TT export) runs into
+``--out`` (default ``runs/search_mnist``), which holds the optuna study and every stage it
+computed. Killed at any moment, the same command resumes: the budget counts the wall time of the
+trials that ended, a trial left running is redone, finished stages load from the cache.
+Trials start until the budget is spent (the last one may end after it). Then the front is
+measured on the 10,000 test images, and the script prints markdown: the trials and what the
+cache saved, the front against the hand-set defaults of pipelines/tt_distill_quant.py, and the
+best pipeline files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from kdcompress import data
+from kdcompress.cli import load_pipeline
+from kdcompress.options import RunOptions
+from kdcompress.report import format_bytes
+from kdcompress.search.live import RichSearchProgress
+from kdcompress.search.study import Search, SearchConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "pipelines" / "tt_distill_quant_search.py"
+
+
+def spent_seconds(search: Search) -> float:
+    """Wall time of the trials that ended in the study (this benchmark runs one worker; a trial
+    cut short by a kill is redone, and only the redone one counts)."""
+    return sum(float(t.user_attrs.get("seconds", 0.0))
+               for t in search.study.get_trials(deepcopy=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get(data.DATA_ENV),
+                        help="folder with the four MNIST IDX files (or set KDCOMPRESS_DATA)")
+    parser.add_argument("--train-limit", type=int, default=6000,
+                        help="training images (the README's MNIST run uses 6000)")
+    parser.add_argument("--budget-minutes", type=float, default=45.0,
+                        help="wall time of all trials, earlier runs of this command included")
+    parser.add_argument("--max-drop", type=float, default=0.5,
+                        help="validation accuracy points the int8 model may lose")
+    parser.add_argument("--out", type=Path, default=Path("runs/search_mnist"))
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
+    args = parser.parse_args()
+    if not args.data:
+        parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
+
+    task = data.limit_train(data.mnist(args.data), args.train_limit)
+    search = Search(load_pipeline(PIPELINE),
+                    SearchConfig(objectives=("size", "latency"), max_drop=args.max_drop),
+                    RunOptions(out=args.out, data=task, threads=args.threads),
+                    progress=RichSearchProgress())
+    budget = 60 * args.budget_minutes
+    before = spent_seconds(search)
+    started = time.monotonic()
+    if budget - before > 0:
+        search.optimize(timeout=budget - before)
+    result = search.finish()
+    doc = result.to_dict()
+    this_run = time.monotonic() - started
+
+    print(f"\n## kdcompress search on MNIST ({args.train_limit} training images)\n")
+    print(f"`python benchmarks/search_mnist.py --data DIR --train-limit {args.train_limit} "
+          f"--budget-minutes {args.budget_minutes:g} --max-drop {args.max_drop:g}`\n")
+    print(f"- budget {args.budget_minutes:g} min of trials; spent {spent_seconds(search) / 60:.1f} "
+          f"min ({before / 60:.1f} in earlier runs); this run {this_run / 60:.1f} min with the "
+          "front")
+    print(f"- {result.summary()}")
+    if result.pending or not result.front:
+        return
+    front = (args.out / "search" / "frontier.md").read_text().split("## Trials")[0]
+    print("\n" + front.split("## Front (test split read after the search)")[1].strip())
+    default = doc.get("default_point")
+    if default and result.front:
+        print(f"\nDefault settings (trial {default['trial']}): test "
+              f"{100 * default['accuracy']:.2f}%, {format_bytes(default['size_bytes'])}, "
+              f"b64 {default['latency_ms']['batch_64']['p50']:.3f} ms.")
+        for objective, number in result.best.items():
+            point = next(p for p in result.front if p.trial == number)
+            print(f"Best {objective} (trial {number}, {point.values}): test "
+                  f"{100 * point.accuracy:.2f}%, {format_bytes(point.size_bytes)}, b64 "
+                  f"{point.latency_ms['batch_64']['p50']:.3f} ms"
+                  + (f" -> {args.out / 'search' / point.files['pipeline']}"
+                     if "pipeline" in point.files else ""))
+
+
+if __name__ == "__main__":
+    main()
