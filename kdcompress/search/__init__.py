@@ -10,9 +10,10 @@ A pipeline whose stage constants are search parameters runs as usual with ``kdco
 :meth:`kdcompress.Pipeline.search`: every trial is a concrete pipeline run by the same runner into
 one run folder, so stages shared between trials come from the cache.
 
-Modules: :mod:`~kdcompress.search.space` (the parameters), :mod:`~kdcompress.search.study`
-(trials through optuna), :mod:`~kdcompress.search.front` (the Pareto front, its files and the
-``best-<objective>.py`` pipeline files).
+Modules: ``space`` (the parameters), ``study`` (trials through optuna; ``trial`` runs alongside
+each), ``store`` (the run folder with a version per stage fingerprint), ``front`` (the Pareto front
+and its tables; ``plot`` draws it), ``bestfile`` (``best-<objective>.py``), ``live`` (the table
+in the terminal).
 """
 
 from __future__ import annotations

@@ -20,22 +20,18 @@
 
 from __future__ import annotations
 
-import ast
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdcompress.errors import KDCompressError
-from kdcompress.fsutil import atomic_path, atomic_write_text, strict_json
+from kdcompress.fsutil import atomic_write_text, strict_json
 from kdcompress.report import format_bytes
-from kdcompress.search.space import Choice, Param
 
-__all__ = ["TrialSummary", "FrontPoint", "SearchResult", "pareto", "write_best_file",
-           "best_file_text", "load_front", "render_front", "summary", "FRONTIER_JSON",
-           "FRONTIER_MD", "FRONTIER_PNG", "UNITS"]
+__all__ = ["TrialSummary", "FrontPoint", "SearchResult", "pareto", "load_front", "render_front",
+           "summary", "markdown", "FRONTIER_JSON", "FRONTIER_MD", "FRONTIER_PNG", "UNITS"]
 
 FRONTIER_JSON, FRONTIER_MD, FRONTIER_PNG = "frontier.json", "frontier.md", "frontier.png"
 #: How each objective is shown.
@@ -203,6 +199,8 @@ class SearchResult:
         atomic_write_text(folder / FRONTIER_JSON, json.dumps(doc, indent=1, allow_nan=False))
         atomic_write_text(folder / FRONTIER_MD, markdown(doc))
         if plot_png:
+            from kdcompress.search.plot import plot
+
             plot(doc, folder / FRONTIER_PNG)
 
     def summary(self) -> str:
@@ -385,212 +383,3 @@ def render_front(doc: Mapping[str, Any]) -> Any:
     for r in rows:
         table.add_row(*r)
     return table
-
-
-# -- the plot ---------------------------------------------------------------------------------
-
-def plot(doc: Mapping[str, Any], path: Path) -> None:
-    """``frontier.png``: every complete trial faint (a cross when it missed the budget), the
-    front highlighted and joined, the baseline (star) and the default pipeline (diamond)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    objectives = list(doc["objectives"])
-    done = [t for t in doc["trials"] if t["state"] == "complete" and t["objectives"]]
-    front = {p["trial"] for p in doc["front"]}
-    default = next((t for t in done if t["default"]), None)
-    baseline = next((t.get("baseline_objectives") for t in doc["trials"]
-                     if t.get("baseline_objectives")), None)
-    panels = ([(objectives[0], objectives[1])] if len(objectives) >= 2 else []) + [
-        (o, "drop") for o in objectives]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
-
-    def value(t: Mapping[str, Any], key: str) -> float:
-        if key == "drop":
-            return t["drop"]
-        v = t["objectives"][key]
-        return v / 1024 if key == "size" else v
-
-    def label(key: str) -> str:
-        return {"size": "size on disk (KiB)", "latency": "latency, batch 64 p50 (ms)",
-                "drop": "validation points lost"}.get(key, key)
-
-    for ax, (xkey, ykey) in zip(axes[0], panels, strict=True):
-        ok = [t for t in done if t["feasible"]]
-        miss = [t for t in done if not t["feasible"]]
-        ax.scatter([value(t, xkey) for t in ok], [value(t, ykey) for t in ok], s=18,
-                   color="0.6", alpha=0.45, label="trial within budget")
-        ax.scatter([value(t, xkey) for t in miss], [value(t, ykey) for t in miss], s=18,
-                   marker="x", color="0.6", alpha=0.45, label="trial over budget")
-        best = sorted((t for t in done if t["number"] in front), key=lambda t: value(t, xkey))
-        if best:
-            if ykey != "drop":  # the front in objective space: a staircase
-                ax.plot([value(t, xkey) for t in best], [value(t, ykey) for t in best],
-                        drawstyle="steps-post", color="tab:red", lw=1.2, zorder=2)
-            ax.scatter([value(t, xkey) for t in best], [value(t, ykey) for t in best], s=46,
-                       color="tab:red", zorder=3, label="front")
-            for t in best:
-                ax.annotate(str(t["number"]), (value(t, xkey), value(t, ykey)), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        if default is not None:
-            ax.scatter([value(default, xkey)], [value(default, ykey)], s=70, marker="D",
-                       facecolors="none", edgecolors="tab:blue", lw=1.5, zorder=4,
-                       label=f"default (trial {default['number']})")
-        if baseline is not None and ykey != "drop":
-            ax.scatter([value({"objectives": baseline}, xkey)],
-                       [value({"objectives": baseline}, ykey)], s=110, marker="*",
-                       color="tab:green", zorder=4, label=f"baseline '{doc['baseline']}'")
-        if ykey == "drop":
-            ax.axhline(doc["max_drop"], color="tab:orange", ls="--", lw=1,
-                       label=f"budget {doc['max_drop']:g} points")
-        for axis, key in ((ax.xaxis, xkey), (ax.yaxis, ykey)):
-            if key != "drop":
-                _log_axis(ax, axis, [value(t, key) for t in done])
-        ax.set_xlabel(label(xkey))
-        ax.set_ylabel(label(ykey))
-        ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    for h, lab in zip(*axes[0][0].get_legend_handles_labels(), strict=True):
-        if lab not in labels:
-            handles.append(h)
-            labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
-               frameon=False)
-    fig.suptitle(f"search: {doc['pipeline']} on {doc['data']}, stage '{doc['target']}' "
-                 f"({len(doc['trials'])} trials)")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    tmp = atomic_path(path)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _log_axis(ax: Any, axis: Any, values: list[float]) -> None:
-    """A log scale with plain tick labels (minor ones too when the values span under 20x)."""
-    import matplotlib.ticker
-
-    (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    axis.set_major_formatter(plain)
-    positive = [v for v in values if v > 0]
-    narrow = bool(positive) and max(positive) / min(positive) < 20
-    axis.set_minor_formatter(plain if narrow else matplotlib.ticker.NullFormatter())
-
-
-# -- best-<objective>.py ----------------------------------------------------------------------
-
-def best_file_text(params: Mapping[str, Param], values: Mapping[str, Any], *,
-                   header: Sequence[str] = ()) -> tuple[Path, str]:
-    """The source of the pipeline file the parameters were written in, with each parameter's
-    call replaced by the source of its value.
-
-    A value chosen from a list written in the call (``ks.choice([KD(4), DKD()])``) is replaced
-    by that element's own source; any other value by its ``repr``, which must read back as the
-    same literal. Everything else in the file (comments, layout, other code) is kept.
-
-    Returns
-    -------
-    (Path, str)
-        The original file and the new source (``header`` lines first, as comments).
-
-    Raises
-    ------
-    KDCompressError
-        The parameters were not all written in one file, a call cannot be found in it (the file
-        changed since it was loaded), or a value has no source to write.
-    """
-    files = {Path(p.position.file).resolve() if p.position else None for p in params.values()}
-    if len(files) != 1 or None in files:
-        raise KDCompressError("the search parameters were not all written in one pipeline file "
-                              f"({', '.join(sorted(str(f) for f in files))}), so no file can be "
-                              "rewritten with the chosen values")
-    path = files.pop()
-    assert path is not None
-    if not path.is_file():
-        raise KDCompressError(f"the search parameters were written in {path}, which is not a "
-                              "file (an interactive session?): no file can be rewritten")
-    try:
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
-    except (OSError, UnicodeDecodeError, SyntaxError) as exc:
-        raise KDCompressError(f"the search parameters were written in {path}, which cannot be "
-                              f"read back as Python ({type(exc).__name__}): no file can be "
-                              "rewritten") from exc
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
-    lines = source.splitlines(keepends=True)
-    offsets = [0]
-    for line in lines:
-        offsets.append(offsets[-1] + len(line))
-    edits: dict[tuple[int, int], tuple[int, str]] = {}
-    for name, param in params.items():
-        node = _find_call(calls, param, path)
-        start = _index(lines, offsets, node.lineno, node.col_offset)
-        end = _index(lines, offsets, node.end_lineno or node.lineno, node.end_col_offset or 0)
-        text = _value_source(param, values[name], node, source, name)
-        if (start, end) in edits and edits[(start, end)][1] != text:
-            raise KDCompressError(f"{path}:{node.lineno}: one search parameter call stands for "
-                                  f"several parameters with different values ({name}); write "
-                                  "one call per parameter")
-        edits[(start, end)] = (end, text)
-    out = source
-    for (start, end), (_, text) in sorted(edits.items(), reverse=True):
-        out = out[:start] + text + out[end:]
-    ast.parse(out)  # the replacement is valid Python
-    return path, "".join(f"# {h}\n" for h in header) + out
-
-
-def write_best_file(target: Path, params: Mapping[str, Param], values: Mapping[str, Any], *,
-                    header: Sequence[str] = ()) -> Path:
-    """Write :func:`best_file_text` to ``target`` atomically; return the original file."""
-    path, text = best_file_text(params, values, header=header)
-    atomic_write_text(target, text)
-    return path
-
-
-def _find_call(calls: list[ast.Call], param: Param, path: Path) -> ast.Call:
-    pos = param.position
-    assert pos is not None
-    if pos.col is not None:
-        found = [c for c in calls if (c.lineno, c.col_offset, c.end_lineno, c.end_col_offset)
-                 == (pos.line, pos.col, pos.end_line, pos.end_col)]
-    else:  # Python 3.10 records lines only: the one call of choice/int/float on that line
-        found = [c for c in calls if c.lineno == pos.line and _callee(c) in ("choice", "int",
-                                                                              "float")]
-    if len(found) != 1:
-        raise KDCompressError(f"{path}:{pos.line}: cannot find the call that created {param!r} "
-                              "(the file changed since it was loaded, or several search "
-                              "parameters share the line)")
-    return found[0]
-
-
-def _callee(call: ast.Call) -> str:
-    func = call.func
-    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-
-
-def _index(lines: list[str], offsets: list[int], lineno: int, col: int) -> int:
-    """String index of an :mod:`ast` position (1-based line, column in UTF-8 bytes)."""
-    line = lines[lineno - 1]
-    return offsets[lineno - 1] + len(line.encode("utf-8")[:col].decode("utf-8"))
-
-
-def _value_source(param: Param, value: Any, call: ast.Call, source: str, name: str) -> str:
-    if isinstance(param, Choice):
-        listed = call.args[0] if call.args else next(
-            (k.value for k in call.keywords if k.arg == "values"), None)
-        if isinstance(listed, (ast.List, ast.Tuple)) and len(listed.elts) == len(param.values) \
-                and not any(isinstance(e, ast.Starred) for e in listed.elts):
-            segment = ast.get_source_segment(source, listed.elts[param.index(value)])
-            if segment is not None:
-                return segment
-    text = repr(value)
-    try:
-        same = ast.literal_eval(text) == value and type(ast.literal_eval(text)) is type(value)
-    except (ValueError, SyntaxError):
-        same = False
-    if not same or (isinstance(value, float) and not math.isfinite(value)):
-        raise KDCompressError(f"search parameter '{name}' chose {text}, which cannot be written "
-                              "as a literal; list the values in the ks.choice([...]) call itself")
-    return text

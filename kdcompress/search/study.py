@@ -40,7 +40,6 @@ import math
 import os
 import shutil
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -58,17 +57,12 @@ from kdcompress.errors import (
 )
 from kdcompress.options import RunOptions
 from kdcompress.pipeline import Pipeline
-from kdcompress.progress import Progress, StageFinished
 from kdcompress.report import Report
-from kdcompress.search.front import (
-    FrontPoint,
-    SearchResult,
-    TrialSummary,
-    pareto,
-    write_best_file,
-)
+from kdcompress.search.bestfile import write_best_file
+from kdcompress.search.front import FrontPoint, SearchResult, TrialSummary, pareto
 from kdcompress.search.live import SearchProgress
 from kdcompress.search.space import Choice, Param, values_text
+from kdcompress.search.trial import Heartbeat, TrialObserver
 
 __all__ = ["Search", "SearchConfig", "OBJECTIVES", "SAMPLERS", "PRUNERS", "PRUNE_AFTER",
            "DEFAULT_TRIALS", "MAX_REPEATS"]
@@ -180,81 +174,6 @@ def _readable(value: Any) -> Any:
 def _encode(param: Param, value: Any) -> Any:
     """A value as optuna stores it (the index of a choice that is not plain)."""
     return param.index(value) if isinstance(param, Choice) and not param.plain else value
-
-
-class _Heartbeat:
-    """Records ``time.time()`` in a running trial's ``heartbeat`` attribute every ``interval``
-    seconds, from a thread, until stopped."""
-
-    def __init__(self, trial: Any, interval: float) -> None:
-        self.trial, self.interval = trial, interval
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial.number}",
-                                       daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop_event.wait(self.interval):
-            with contextlib.suppress(Exception):  # a missed beat is only a later one
-                self.trial.set_user_attr("heartbeat", time.time())
-
-    def __enter__(self) -> _Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop_event.set()
-        self.thread.join()
-
-
-class _TrialObserver(Progress):
-    """The runner's events for one trial: which stages ran or came from the cache, their
-    artifacts, each epoch's validation accuracy (the pruner's input)."""
-
-    def __init__(self, search: Search, number: int, trial: Any = None,
-                 references: list[dict[str, dict[str, float]]] | None = None,
-                 recipes: Mapping[str, str] | None = None) -> None:
-        self.search, self.number, self.trial = search, number, trial
-        self.references = references or []
-        self.recipes = dict(recipes or {})
-        self.planned: set[str] = set()
-        self.ran: list[str] = []
-        self.cached: list[str] = []
-        self.fingerprints: dict[str, str] = {}
-        self.artifacts: dict[str, Any] = {}
-        self.curves: dict[str, dict[str, float]] = {}
-
-    def start(self, pipeline: str, planned: list[str]) -> None:
-        self.planned = set(planned)
-
-    def stage_started(self, name: str, function: str, cached: bool) -> None:
-        if name in self.planned:
-            (self.cached if cached else self.ran).append(name)
-        self.search.progress.stage_started(self.number, name, cached)
-
-    def epoch_callback(self, name: str) -> Any:
-        def update(description: str, completed: int, total: int, info: str = "") -> None:
-            self.search.progress.epoch(self.number, name, description, completed, total, info)
-
-        return update
-
-    def epoch_end(self, name: str, epoch: int, metrics: dict[str, float]) -> None:
-        value = metrics.get("val_accuracy")
-        if value is None or self.trial is None:
-            return  # no validation accuracy to judge by (or measuring the front)
-        # curves are compared between runs of one stage with the same settings (epochs,
-        # learning rate...): only its inputs differ
-        key = f"{name}@{self.recipes[name]}"
-        self.curves.setdefault(key, {})[str(epoch)] = float(value)
-        self.trial.set_user_attr("curves", self.curves)
-        reason = self.search.prune_reason(name, key, epoch, float(value), self.references)
-        if reason is not None:
-            import optuna
-
-            raise optuna.TrialPruned(reason)
-
-    def stage_finished(self, event: StageFinished) -> None:
-        self.fingerprints[event.name] = str(event.meta.get("fingerprint"))
-        self.artifacts[event.name] = event.artifact
 
 
 class Search:
@@ -611,16 +530,16 @@ class Search:
         if same is not None:
             return self._repeat(trial, same)
         self.progress.trial_started(trial.number, {n: _readable(v) for n, v in values.items()})
-        observer = _TrialObserver(self, trial.number)
+        observer = TrialObserver(self, trial.number)
         started = time.perf_counter()
         try:
             concrete = self.pipeline.concrete(values)
         except PipelineError as exc:  # a value that breaks a rule inside a constant
             return self._end(trial, observer, started, optuna.trial.TrialState.FAIL, str(exc))
-        observer = _TrialObserver(self, trial.number, trial, self._references(),
+        observer = TrialObserver(self, trial.number, trial, self._references(),
                                   {n: _recipe(st) for n, st in concrete.stages.items()})
         try:
-            with _Heartbeat(trial, self.config.heartbeat):
+            with Heartbeat(trial, self.config.heartbeat):
                 report = self._run(concrete, self.dir / "trials" / f"{trial.number:04d}",
                                    observer, read_test=False)
         except RunFailed as exc:
@@ -634,7 +553,7 @@ class Search:
             raise
         return self._complete(trial, observer, report, started)
 
-    def _run(self, pipeline: Pipeline, report_dir: Path, observer: _TrialObserver, *,
+    def _run(self, pipeline: Pipeline, report_dir: Path, observer: TrialObserver, *,
              read_test: bool) -> Report:
         from kdcompress.runner import run
 
@@ -644,7 +563,7 @@ class Search:
             until=None if self.target == self.order[-1] else self.target)
         return run(pipeline, options, observer)
 
-    def _complete(self, trial: Any, observer: _TrialObserver, report: Report,
+    def _complete(self, trial: Any, observer: TrialObserver, report: Report,
                   started: float) -> TrialSummary:
         import optuna
 
@@ -663,7 +582,7 @@ class Search:
         return self._end(trial, observer, started, optuna.trial.TrialState.COMPLETE, "",
                          values=[objectives[o] for o in self.config.objectives])
 
-    def _end(self, trial: Any, observer: _TrialObserver, started: float, state: Any, note: str,
+    def _end(self, trial: Any, observer: TrialObserver, started: float, state: Any, note: str,
              values: list[float] | None = None) -> TrialSummary:
         import optuna
 
@@ -777,8 +696,8 @@ class Search:
         self.optimize(trials, timeout)
         return self.finish()
 
-    def _measure(self, values: Mapping[str, Any], name: str) -> tuple[Report, _TrialObserver]:
-        observer = _TrialObserver(self, -1)
+    def _measure(self, values: Mapping[str, Any], name: str) -> tuple[Report, TrialObserver]:
+        observer = TrialObserver(self, -1)
         report = self._run(self.pipeline.concrete(values), self.dir / "front" / name, observer,
                            read_test=True)
         return report, observer

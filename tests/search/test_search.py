@@ -18,7 +18,8 @@ from kdcompress import search as ks
 from kdcompress.cli import load_pipeline, main
 from kdcompress.data import Task
 from kdcompress.options import RunOptions
-from kdcompress.search.front import best_file_text, pareto
+from kdcompress.search.bestfile import best_file_text
+from kdcompress.search.front import pareto
 from kdcompress.search.live import SearchProgress
 from kdcompress.search.study import Search, SearchConfig
 from kdcompress.stages import train
