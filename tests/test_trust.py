@@ -284,3 +284,30 @@ def test_a_full_disk_fails_the_stage_in_one_line_and_leaves_no_temporary_files(m
     assert "\n" not in str(info.value)
     leftovers = [p for p in (folder / "run").rglob("*") if ".tmp" in p.name]
     assert leftovers == []
+
+
+def test_report_reads_while_a_run_holds_the_lock(go, tmp_path, capsys):
+    import filelock
+
+    go()
+    with filelock.FileLock(str(tmp_path / "run" / ".lock")):
+        assert main(["report", str(tmp_path / "run")]) == 0
+    assert "moved" in capsys.readouterr().out
+
+
+def test_a_diverging_teacher_stops_is_named_and_is_not_cached(tiny_task, fast_measure, tmp_path):
+    from kdcompress import Pipeline, models
+    from kdcompress.errors import DivergedError
+    from kdcompress.stages import train
+
+    pipeline = Pipeline("diverge", data=tiny_task)
+    pipeline.stage(train, out="teacher", model=models.cnn(width=4, hidden=8), epochs=3, lr=1e6)
+    with pytest.raises(RunFailed, match=r"stage 'teacher' \(train\) failed: DivergedError: "
+                                        r".*diverged at epoch \d/3, step \d+") as info:
+        pipeline.run(out=tmp_path / "run", measure=fast_measure, plot=False)
+    assert isinstance(info.value.__cause__, DivergedError)
+    assert "lr" in str(info.value)
+    assert not (tmp_path / "run" / "stages" / "teacher").exists()
+    assert list((tmp_path / "run" / "stages").glob(".tmp-*")) == []
+    text = (tmp_path / "run" / "report.json").read_text()
+    assert "NaN" not in text and json.loads(text)["failed"]["name"] == "teacher"
