@@ -238,8 +238,12 @@ def _search(args: argparse.Namespace, console) -> int:
                           seed=args.seed, storage=args.storage, study_name=args.study_name)
     options = RunOptions(out=args.out, device=args.device, data=_task(args, pipeline),
                          threads=args.threads)
-    search = Search(pipeline, config, options, progress=RichSearchProgress(console))
-    result = search.run(trials=args.trials, timeout=args.timeout)
+    progress = RichSearchProgress(console)
+    search = Search(pipeline, config, options, progress=progress)
+    try:
+        result = search.run(trials=args.trials, timeout=args.timeout)
+    finally:
+        progress.close()  # an interrupted search leaves the terminal as it found it
     if not result.pending:
         console.print(f"front: {search.dir}/frontier.md, frontier.json, frontier.png"
                       + "".join(f"; best {o}: {search.dir}/best-{o}.py" for o in result.best),

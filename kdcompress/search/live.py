@@ -141,12 +141,16 @@ class RichSearchProgress(SearchProgress):
         self.status = f"measuring the front ({count} pipelines) on the test split"
         self._refresh()
 
-    def finished(self, result: SearchResult) -> None:
+    def close(self) -> None:
+        """Stop drawing (the search ended, or was interrupted)."""
         if self.live is not None:
             self.status = ""
             self.live.update(self._renderable())
             self.live.stop()
             self.live = None
+
+    def finished(self, result: SearchResult) -> None:
+        self.close()
         doc = result.to_dict()
         if doc["front"] or doc.get("baseline_point"):
             self.console.print(render_front(doc))

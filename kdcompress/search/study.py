@@ -357,10 +357,16 @@ class Search:
             t.state == optuna.trial.TrialState.FAIL and (
                 t.number in retried or t.user_attrs.get("surplus")))]
 
+    def _key(self, params: Mapping[str, Any]) -> str:
+        """A value set as text, by the values the pipeline gets: a grid value stored as
+        0.44999999999999996 (suggested) and as 0.45 (enqueued) is one value set."""
+        return json.dumps({n: _readable(self.params[n].decode(v)) if n in self.params else v
+                           for n, v in params.items()}, sort_keys=True)
+
     def _exhausted(self, trials: list[Any]) -> bool:
         if self.space_size is None:
             return False
-        tried = {json.dumps(t.params, sort_keys=True) for t in self._counts(trials)
+        tried = {self._key(t.params) for t in self._counts(trials)
                  if len(t.params) == len(self.params)}
         return len(tried) >= self.space_size
 
@@ -507,9 +513,10 @@ class Search:
         """
         import optuna
 
+        key = self._key(trial.params)
         while True:
             same = [t for t in self._counts(self.study.get_trials(deepcopy=False))
-                    if t.number != trial.number and t.params == trial.params
+                    if t.number != trial.number and self._key(t.params) == key
                     and "duplicate_of" not in t.user_attrs]
             done = next((t for t in same if t.state.is_finished()), None)
             if done is not None:
@@ -667,7 +674,7 @@ class Search:
         candidates: dict[str, Any] = {}
         for t in complete:  # one trial per value set: the first
             if self._feasible(t):
-                candidates.setdefault(json.dumps(t.params, sort_keys=True), t)
+                candidates.setdefault(self._key(t.params), t)
         chosen = list(candidates.values())
         on_front = [chosen[i] for i in pareto([t.user_attrs["objectives"] for t in chosen],
                                               self.config.objectives)]

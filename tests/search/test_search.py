@@ -287,3 +287,12 @@ def test_search_refuses_an_invalid_space_with_exit_code_2(capsys, tmp_path):
     code = main(["search", str(PIPELINES / "bad_space.py"), "--out", str(tmp_path / "run")])
     assert code == 2
     assert "step 2 does not divide the range 2..9" in capsys.readouterr().err
+
+
+def test_a_value_set_is_known_by_the_values_the_pipeline_gets(searched):
+    # optuna stores a grid value as computed (0.001 + 0.002); enqueued, it is the literal 0.003
+    key = searched["search"]._key
+    assert key({"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.001 + 0.002}) == \
+        key({"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.003})
+    assert key({"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.002}) != \
+        key({"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.003})
