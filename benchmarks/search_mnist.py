@@ -91,8 +91,8 @@ def main() -> None:
             print(f"Best {objective} (trial {number}, {point.values}): test "
                   f"{100 * point.accuracy:.2f}%, {format_bytes(point.size_bytes)}, b64 "
                   f"{point.latency_ms['batch_64']['p50']:.3f} ms"
-                  + (f" -> {args.out / 'search' / point.files['pipeline']}"
-                     if "pipeline" in point.files else ""))
+                  + (f" -> {args.out / 'search' / f'best-{objective}.py'}"
+                     if f"best-{objective}.py" in point.files else ""))
 
 
 if __name__ == "__main__":

@@ -110,8 +110,9 @@ class FrontPoint:
         Latency of the target measured with the test inputs (``batch_1``, ``batch_64``).
     best_for : list of str
         The objectives this point is best at among the front.
-    files : dict
-        ``{"pipeline": "best-size.py", "onnx": "best-size.onnx"}`` for a best point.
+    files : list of str
+        The files written for it in ``RUN/search/`` (``best-size.py``, ``best-size.onnx``, and
+        the latency ones when it is best at both).
     """
 
     trial: int
@@ -124,7 +125,7 @@ class FrontPoint:
     size_bytes: int
     latency_ms: dict[str, dict[str, float]]
     best_for: list[str] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -342,9 +343,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
                   "the search was over."]
         for objective, number in doc["best"].items():
             files = next(p["files"] for p in doc["front"] if p["trial"] == number)
+            mine = [f"`{f}`" for f in files if f.startswith(f"best-{objective}.")]
             lines.append(f"- best {objective}: trial {number}"
-                         + (f": `{files['pipeline']}`" if "pipeline" in files else "")
-                         + (f", `{files['onnx']}`" if "onnx" in files else ""))
+                         + (f": {', '.join(mine)}" if mine else ""))
     for note in doc["notes"]:
         lines.append(f"- note: {note}")
     lines += ["", "## Trials", ""] + _md_table(*trial_cells(doc))

@@ -69,7 +69,10 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
                        label=f"budget {doc['max_drop']:g} points")
         for axis, key in ((ax.xaxis, xkey), (ax.yaxis, ykey)):
             if key != "drop":
-                _log_axis(ax, axis, [value(t, key) for t in done])
+                shown = [value(t, key) for t in done]
+                if baseline is not None and ykey != "drop":
+                    shown.append(value({"objectives": baseline}, key))
+                _log_axis(ax, axis, shown)
         ax.set_xlabel(label(xkey))
         ax.set_ylabel(label(ykey))
         ax.grid(True, which="both", alpha=0.3)

@@ -768,12 +768,12 @@ class Search:
             try:
                 write_best_file(self.dir / f"best-{objective}.py", self.params, values,
                                 header=header)
-                best.files["pipeline"] = f"best-{objective}.py"
+                best.files.append(f"best-{objective}.py")
             except KDCompressError as exc:
                 result.notes.append(f"best-{objective}.py not written: {exc}")
             try:
                 self._write_onnx(artifacts[best.trial], self.dir / f"best-{objective}.onnx")
-                best.files["onnx"] = f"best-{objective}.onnx"
+                best.files.append(f"best-{objective}.onnx")
             except (KDCompressError, OSError) as exc:
                 result.notes.append(f"best-{objective}.onnx not written: {exc}")
 

@@ -154,6 +154,11 @@ def test_the_search_writes_its_files(searched):
     assert (folder / "frontier.png").stat().st_size > 10_000
     assert (folder / "study.db").is_file()
     for objective in ("size", "latency"):
+        number = searched["result"].best[objective]
+        point = next(p for p in searched["result"].front if p.trial == number)
+        assert {f"best-{objective}.py", f"best-{objective}.onnx"} <= set(point.files)
+        assert f"- best {objective}: trial {number}: `best-{objective}.py`, " \
+               f"`best-{objective}.onnx`" in md
         onnx = folder / f"best-{objective}.onnx"
         assert onnx.stat().st_size > 0
         import onnxruntime as ort
@@ -296,3 +301,21 @@ def test_a_value_set_is_known_by_the_values_the_pipeline_gets(searched):
         key({"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.003})
     assert key({"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.002}) != \
         key({"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.003})
+
+
+def test_one_point_best_at_both_objectives_lists_each_objectives_files():
+    from kdcompress.search.front import FrontPoint, SearchResult, TrialSummary, markdown
+
+    point = FrontPoint(trial=3, values={"r": 4}, objectives={"size": 10.0, "latency": 1.0},
+                       val_accuracy=0.9, drop=0.5, accuracy=0.9, agreement=0.95, size_bytes=10,
+                       latency_ms={"batch_64": {"p50": 1.0, "p90": 1.1, "runs": 2}},
+                       best_for=["size", "latency"],
+                       files=["best-size.py", "best-size.onnx", "best-latency.py",
+                              "best-latency.onnx"])
+    result = SearchResult(pipeline="p", data="d", target="t", baseline="b",
+                          objectives=("size", "latency"), max_drop=1.0,
+                          trials=[TrialSummary(number=3, state="complete", values={"r": 4})],
+                          front=[point], best={"size": 3, "latency": 3})
+    md = markdown(result.to_dict())
+    assert "- best size: trial 3: `best-size.py`, `best-size.onnx`\n" in md
+    assert "- best latency: trial 3: `best-latency.py`, `best-latency.onnx`\n" in md
