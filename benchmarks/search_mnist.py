@@ -56,6 +56,9 @@ def main() -> None:
     if not args.data:
         parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live table reports the trials
     task = data.limit_train(data.mnist(args.data), args.train_limit)
     search = Search(load_pipeline(PIPELINE),
                     SearchConfig(objectives=("size", "latency"), max_drop=args.max_drop),
