@@ -37,7 +37,7 @@ from kdcompress.artifacts import OnnxModel, load_module, save_module
 from kdcompress.errors import ArtifactError, CorruptStage, RunFolderLocked, StoreError
 from kdcompress.fsutil import strict_json
 
-__all__ = ["RunStore", "Entry", "META_FILE", "ONNX_FILE"]
+__all__ = ["RunStore", "Entry", "pid_alive", "META_FILE", "ONNX_FILE"]
 
 log = logging.getLogger(__name__)
 META_FILE = "meta.json"
@@ -61,7 +61,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (owned by anyone)."""
     if pid <= 0:
         return False
     try:
@@ -183,7 +184,7 @@ class RunStore:
         removed = []
         for tmp in self.stage_dir.glob(".tmp-*"):
             pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+            if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
                 continue
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)

@@ -63,6 +63,7 @@ from kdcompress.search.front import FrontPoint, SearchResult, TrialSummary, pare
 from kdcompress.search.live import SearchProgress
 from kdcompress.search.space import Choice, Param, values_text
 from kdcompress.search.trial import Heartbeat, TrialObserver
+from kdcompress.store import pid_alive
 
 __all__ = ["Search", "SearchConfig", "OBJECTIVES", "SAMPLERS", "PRUNERS", "PRUNE_AFTER",
            "DEFAULT_TRIALS", "MAX_REPEATS"]
@@ -154,16 +155,6 @@ class SearchConfig:
                                 f"{self.startup_trials!r}")
         if not self.heartbeat > 0:
             raise PipelineError(f"heartbeat must be > 0 seconds, but got {self.heartbeat!r}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def _readable(value: Any) -> Any:
@@ -380,7 +371,7 @@ class Search:
             host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
             seen = float(t.user_attrs.get("heartbeat") or t.datetime_start.timestamp())
             if host == self.host and pid.isdigit() and (
-                    int(pid) == os.getpid() or not _pid_alive(int(pid))):
+                    int(pid) == os.getpid() or not pid_alive(int(pid))):
                 why = f"its process {pid} has ended"
             elif now - seen > grace:
                 why = f"no heartbeat for {now - seen:.0f} s"
