@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,11 +39,13 @@ from torch import nn
 from kdcompress.errors import LayerError, did_you_mean
 from kdcompress.layers.tt import TT_LAYERS, RankArg, TTConv2d, TTLinear, check_rank, set_module
 
-__all__ = ["tensorize", "decompose_layer", "METHODS"]
+__all__ = ["tensorize", "decompose_layer", "select_layers", "METHODS"]
 
 METHODS = ("tt", "svd", "tucker")
 _RANK_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256)
 LayerSpec = str | type | Sequence[str | type] | None
+#: ``rank`` of :func:`tensorize`: one setting for every layer, or one per layer by name.
+RankSpec = RankArg | Mapping[str, RankArg]
 
 
 def _rel_error(dense: torch.Tensor, approx: torch.Tensor) -> float:
@@ -208,6 +210,25 @@ def decompose_layer(layer: nn.Linear | nn.Conv2d, *, method: str = "tt", rank: R
 # choosing layers
 
 
+def select_layers(model: nn.Module, layers: LayerSpec = None, min_params: int = 0) -> list[str]:
+    """The qualified names of the layers :func:`tensorize` decomposes for this ``layers``.
+
+    ``None``: every ``nn.Linear`` with at least ``min_params`` weights (:func:`tensorize` then
+    also skips those whose factorisation at the given rank would not be smaller).
+
+    Raises
+    ------
+    LayerError
+        A named layer does not exist ("did you mean") or is not a Linear / Conv2d.
+
+    Examples
+    --------
+    >>> select_layers(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)))
+    ['0', '2']
+    """
+    return _select(model, layers, min_params)
+
+
 def _select(model: nn.Module, layers: LayerSpec, min_params: int) -> list[str]:
     named = dict(model.named_modules())
     candidates = {n: m for n, m in named.items() if type(m) in (nn.Linear, nn.Conv2d)}
@@ -294,7 +315,7 @@ def _search_ranks(model: nn.Module, names: list[str], method: str, ratio: float
         pick[n] = j
 
 
-def tensorize(model: nn.Module, *, layers: LayerSpec = None, rank: RankArg = None,
+def tensorize(model: nn.Module, *, layers: LayerSpec = None, rank: RankSpec = None,
               tol: float | None = None, ratio: float | None = None, method: str = "tt",
               min_params: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A copy of ``model`` with the chosen layers factorised, and one record per layer.
@@ -306,8 +327,10 @@ def tensorize(model: nn.Module, *, layers: LayerSpec = None, rank: RankArg = Non
     layers : str, type, or list of them, optional
         Qualified names (``"classifier.fc1"``) and/or types (``nn.Conv2d``). ``None``: every
         ``nn.Linear``, skipping those whose factorisation would not be smaller.
-    rank : int or list of int, optional
-        Ranks for every chosen layer (see :meth:`TTLinear.from_linear`).
+    rank : int, list of int, or dict of str to them, optional
+        Ranks for every chosen layer (see :meth:`TTLinear.from_linear`), or a rank per layer
+        by qualified name (``{"classifier.fc1": 8, "classifier.fc2": 4}``): then exactly the
+        layers named there are decomposed (each must be among those ``layers`` selects).
     tol : float, optional
         Relative Frobenius error bound per layer.
     ratio : float, optional
@@ -341,11 +364,13 @@ def tensorize(model: nn.Module, *, layers: LayerSpec = None, rank: RankArg = Non
     if method not in METHODS:
         raise LayerError(f"tensorize: method must be one of {METHODS}, but got {method!r}."
                          f"{did_you_mean(str(method), METHODS)}")
-    names = _select(model, layers, min_params)
+    per_layer = isinstance(rank, Mapping)
+    names = _per_layer_names(model, layers, rank) if per_layer else _select(model, layers,
+                                                                            min_params)
     if not names:
         raise LayerError(f"tensorize: no layer to decompose (layers={layers!r}, "
                          f"min_params={min_params})")
-    ranks: dict[str, RankArg] = {n: rank for n in names}
+    ranks: dict[str, RankArg] = dict(rank) if per_layer else {n: rank for n in names}
     if ratio is not None:
         ranks = _search_ranks(model, names, method, ratio)
     new_model = copy.deepcopy(model)
@@ -353,9 +378,22 @@ def tensorize(model: nn.Module, *, layers: LayerSpec = None, rank: RankArg = Non
     for name in names:
         layer = model.get_submodule(name)
         new, record = decompose_layer(layer, method=method, rank=ranks[name], tol=tol, name=name)
-        if layers is None and record["params_after"] >= record["params_before"]:
+        if layers is None and not per_layer and record["params_after"] >= record["params_before"]:
             continue
         new.train(layer.training)
         new_model = set_module(new_model, name, new)
         records.append(record)
     return new_model, records
+
+
+def _per_layer_names(model: nn.Module, layers: LayerSpec, rank: Mapping[str, RankArg]
+                     ) -> list[str]:
+    """The keys of a per-layer rank mapping, checked against the layers ``layers`` selects."""
+    names = _select(model, list(rank), 0) if rank else []
+    if layers is not None:
+        allowed = set(_select(model, layers, 0))
+        outside = [n for n in names if n not in allowed]
+        if outside:
+            raise LayerError(f"tensorize: rank names layer(s) {outside} that layers={layers!r} "
+                             f"does not select; add them to layers or drop them from rank")
+    return names

@@ -161,3 +161,19 @@ def test_rank_list_on_a_direct_call_is_used(net: Net) -> None:
     ctx = _ctx()
     decompose_tt(net, rank=[2, 3], layers=["fc2"], ctx=ctx)
     assert ctx.details["layers"][0]["ranks"] == [1, 2, 3, 1]
+
+
+def test_tensorize_takes_a_rank_per_layer(net: Net) -> None:
+    model, records = tensorize(net, rank={"fc1": 2, "conv2": 4})
+    assert [r["name"] for r in records] == ["fc1", "conv2"]  # exactly the named layers
+    assert max(records[0]["ranks"]) == 2 and max(records[1]["ranks"]) == 4
+    assert isinstance(model.fc1, TTLinear) and isinstance(model.conv2, TTConv2d)
+    assert type(model.fc2) is nn.Linear and type(model.conv) is nn.Conv2d
+    alone, rec = tensorize(net, layers=["fc1"], rank=2)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(model.fc1.full_weight(), alone.fc1.full_weight())
+    assert model(x).shape == (2, 10)
+    with pytest.raises(LayerError, match="no layer 'fc3'. Did you mean 'fc2'"):
+        tensorize(net, rank={"fc3": 2})
+    with pytest.raises(LayerError, match=r"rank names layer\(s\) \['conv2'\] that layers="):
+        tensorize(net, layers=[nn.Linear], rank={"conv2": 2})
