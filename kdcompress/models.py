@@ -17,8 +17,11 @@ import torch
 from torch import nn
 
 from kdcompress.errors import PipelineError
+from kdcompress.recipes.resnet import check_depth
+from kdcompress.recipes.vit import check_vit
 
-__all__ = ["ModelSpec", "CNN", "MLP", "cnn", "mlp", "as_module"]
+__all__ = ["ModelSpec", "CNN", "MLP", "cnn", "mlp", "as_module", "resnet", "mobilenet",
+           "transformer", "cnn1d"]
 
 
 @dataclass(frozen=True)
@@ -230,3 +233,60 @@ def _dropouts(**probabilities: float) -> dict[str, float]:
 
 def _tuple(shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(s) for s in shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes of kdcompress.recipes: ResNet, MobileNetV2, ViT, 1-D CNN
+
+
+def resnet(*, depth: int = 20, width: int = 16, input_shape: tuple[int, ...] | None = None,
+           num_classes: int | None = None, seed: int = 0) -> ModelSpec:
+    """A CIFAR-style :class:`~kdcompress.recipes.ResNet` recipe (``depth = 6n + 2``).
+
+    Examples
+    --------
+    >>> model = resnet(depth=8, width=8, input_shape=(1, 8, 8), num_classes=10).build()
+    >>> model(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+    check_depth(depth)
+    return _recipe("resnet:ResNet", depth=depth, width=width, input_shape=input_shape,
+                   num_classes=num_classes, seed=seed)
+
+
+def mobilenet(*, width: int = 16, expansion: int = 4, input_shape: tuple[int, ...] | None = None,
+              num_classes: int | None = None, seed: int = 0) -> ModelSpec:
+    """A :class:`~kdcompress.recipes.MobileNetV2` recipe (inverted residual blocks)."""
+    return _recipe("mobilenet:MobileNetV2", width=width, expansion=expansion,
+                   input_shape=input_shape, num_classes=num_classes, seed=seed)
+
+
+def transformer(*, dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0,
+                patch: int | None = None, pool: str = "cls",
+                input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+                seed: int = 0) -> ModelSpec:
+    """A small Vision Transformer (:class:`~kdcompress.recipes.ViT`) recipe for images.
+
+    Examples
+    --------
+    >>> model = transformer(dim=32, depth=2, input_shape=(1, 28, 28), num_classes=10).build()
+    >>> model.patch, model(torch.zeros(2, 1, 28, 28)).shape
+    (4, torch.Size([2, 10]))
+    """
+    check_vit(dim, heads, pool)
+    return _recipe("vit:ViT", dim=dim, depth=depth, heads=heads, mlp_ratio=float(mlp_ratio),
+                   patch=patch, pool=pool, input_shape=input_shape, num_classes=num_classes,
+                   seed=seed)
+
+
+def cnn1d(*, width: int = 64, hidden: int = 128, kernel: int = 5,
+          input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+          seed: int = 0) -> ModelSpec:
+    """A :class:`~kdcompress.recipes.CNN1d` recipe for sequence inputs ``(channels, length)``."""
+    return _recipe("cnn1d:CNN1d", width=width, hidden=hidden, kernel=kernel,
+                   input_shape=input_shape, num_classes=num_classes, seed=seed)
+
+
+def _recipe(factory: str, *, input_shape: tuple[int, ...] | None, **kwargs: Any) -> ModelSpec:
+    return ModelSpec(f"kdcompress.recipes.{factory}", {**kwargs,
+                                                        "input_shape": _tuple(input_shape)})
