@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import itertools
 import re
 
 import numpy as np
@@ -14,7 +16,7 @@ from kdcompress import Pipeline, models
 from kdcompress.context import StageContext
 from kdcompress.data import from_tensors
 from kdcompress.declare import spec_of
-from kdcompress.errors import LayerError, PipelineError
+from kdcompress.errors import LayerError, PipelineError, StageError
 from kdcompress.layers import TTConv2d, TTLinear, tensorize
 from kdcompress.stages import train
 from kdcompress.stages.decompose import decompose_tt
@@ -177,3 +179,130 @@ def test_tensorize_takes_a_rank_per_layer(net: Net) -> None:
         tensorize(net, rank={"fc3": 2})
     with pytest.raises(LayerError, match=r"rank names layer\(s\) \['conv2'\] that layers="):
         tensorize(net, layers=[nn.Linear], rank={"conv2": 2})
+
+
+# ----------------------------------------------------------------------------------------------
+# budget: ranks per layer from the validation sensitivity
+
+
+@pytest.fixture
+def spy_sensitivity(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every Sensitivity the stage computes, so a test can check the allocation against it."""
+    module = importlib.import_module("kdcompress.analysis.sensitivity")  # not the function
+
+    seen: list = []
+    real = module.sensitivity
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(module, "sensitivity", spy)
+    return seen
+
+
+def _budget_options(sens, rows: list[dict], by: str) -> dict[str, list[tuple]]:
+    """(rank, cost, drop) per layer, rebuilt from the sensitivity cells: dense, or a cheaper TT."""
+    base = sens.params if by == "params" else sens.macs
+    options = {}
+    for row in rows:
+        dense = row[by] if row["rank"] == "dense" else None
+        cells = sens.curve(row["name"], "tt")
+        if dense is None:  # the chosen cell tells the dense cost
+            cell = next(c for c in cells if c.setting == row["rank"])
+            dense = row[by] - ((cell.params if by == "params" else cell.macs) - base)
+        options[row["name"]] = [("dense", dense, 0.0)] + [
+            (c.setting, dense + (c.params if by == "params" else c.macs) - base, c.drop)
+            for c in cells if (c.params if by == "params" else c.macs) - base < 0]
+    return options
+
+
+def test_budget_in_params_is_met_with_the_least_predicted_drop(trained_cnn, digits_task,
+                                                               spy_sensitivity) -> None:
+    ctx = StageContext.standalone("student", digits_task)
+    total = _params(trained_cnn)
+    student = decompose_tt(trained_cnn, budget=0.5, ctx=ctx)
+    summary, rows = ctx.details["budget"], ctx.details["layers"]
+    target = int(0.5 * total)
+    assert summary["target"] == target and summary["total_before"] == total
+    assert _params(student) == summary["total_after"] <= target and summary["met"]
+    # brute force over every allocation the ladder offers: none predicts a smaller drop
+    sens = spy_sensitivity[-1]
+    options = _budget_options(sens, rows, "params")
+    fixed = total - sum(opts[0][1] for opts in options.values())
+    feasible = [combo for combo in itertools.product(*options.values())
+                if fixed + sum(o[1] for o in combo) <= target]
+    best = min(sum(o[2] for o in combo) for combo in feasible)
+    assert summary["predicted_drop"] == pytest.approx(best, abs=1e-6)
+    assert sum(r["predicted_drop"] for r in rows) == pytest.approx(best, abs=1e-6)
+    # within one rank step: no layer can take its next cheaper-than-dense option in the budget
+    # and lower the predicted drop
+    used = summary["total_after"]
+    for row in rows:
+        here = next(o for o in options[row["name"]] if o[0] == row["rank"])
+        assert not any(o[2] < here[2] and used - here[1] + o[1] <= target
+                       for o in options[row["name"]])
+    decomposed = {r["name"]: r for r in rows if r["rank"] != "dense"}
+    assert decomposed and all(max(r["ranks"]) <= r["rank"] for r in decomposed.values())
+    assert isinstance(student.classifier.fc1, TTLinear)
+    # the prediction is the sensitivity of each layer alone, here measured on the same samples
+    assert summary["samples"] == sens.samples and summary["baseline_accuracy"] == sens.baseline
+
+
+def test_budget_in_macs_over_convolutions(trained_cnn, digits_task) -> None:
+    from kdcompress.metrics import count_macs
+
+    x = digits_task.example(1).float()
+    macs = count_macs(trained_cnn, x)
+    ctx = StageContext.standalone("student", digits_task)
+    student = decompose_tt(trained_cnn, budget=int(0.85 * macs), budget_by="macs",
+                           layers=[nn.Conv2d, nn.Linear], ctx=ctx)
+    summary = ctx.details["budget"]
+    assert summary["by"] == "macs" and summary["target"] == int(0.85 * macs)
+    assert count_macs(student, x) == summary["total_after"] <= summary["target"]
+    assert {r["name"] for r in ctx.details["layers"]} >= {"features.conv2", "classifier.fc1"}
+    assert student(x).shape == (1, 10)
+
+
+def test_budget_errors_come_before_any_analysis(trained_cnn, digits_task, monkeypatch) -> None:
+    module = importlib.import_module("kdcompress.analysis.sensitivity")  # not the function
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the sensitivity analysis ran")
+
+    monkeypatch.setattr(module, "sensitivity", fail)
+    total = _params(trained_cnn)
+    with pytest.raises(LayerError, match=rf"budget={total + 1} params is larger than the model "
+                                         rf"\({total} params\)"):
+        decompose_tt(trained_cnn, budget=total + 1, data=digits_task)
+    with pytest.raises(LayerError, match=r"budget=0.01 allows 207 params, below what the rank "
+                                         r"ladder reaches: \d+ to 20706 params"):
+        decompose_tt(trained_cnn, budget=0.01, data=digits_task)
+    with pytest.raises(PipelineError, match="give budget or ratio, not both"):
+        decompose_tt(trained_cnn, budget=0.5, ratio=4, data=digits_task)
+    with pytest.raises(PipelineError, match="method 'tt' or 'svd', but got method='tucker'"):
+        decompose_tt(trained_cnn, budget=0.5, method="tucker", data=digits_task)
+    with pytest.raises(StageError, match="pass data="):
+        decompose_tt(trained_cnn, budget=0.5)
+
+
+BAD_BUDGETS = [
+    ({"budget": 2.5}, "budget is a fraction of the model (0 < budget <= 1) or a whole count "
+                      "(> 1), but got 2.5; for a compression factor use ratio=2.5"),
+    ({"budget": 0}, "budget must be a finite number > 0, but got 0"),
+    ({"budget": "25%"}, "budget must be a number, got '25%'"),
+    ({"budget_by": "flops"}, "budget_by must be one of 'params', 'macs', but got 'flops'"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_BUDGETS)
+def test_bad_budget_fails_at_declaration(net: Net, kwargs: dict, message: str) -> None:
+    pipeline = Pipeline("p")
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    with pytest.raises(PipelineError,
+                       match=r"^stage 's' \(decompose_tt\): " + re.escape(message)):
+        pipeline.stage(decompose_tt, out="s", model=teacher, **kwargs)
+    with pytest.raises(PipelineError, match="^decompose_tt: " + re.escape(message)):
+        decompose_tt(net, **kwargs)
+    pipeline.stage(decompose_tt, out="ok", model=teacher, budget=0.25, budget_by="macs")
+    pipeline.stage(decompose_tt, out="ok2", model=teacher, budget=60_000)
