@@ -1,0 +1,8 @@
+"""Analyses of a model that guide compression: per-layer sensitivity (and per-layer budgets).
+
+Below the stages: stages may import it; it never imports the runner or the CLI.
+"""
+
+from kdcompress.analysis.sensitivity import KINDS, Cell, Sensitivity, sensitivity
+
+__all__ = ["Cell", "Sensitivity", "sensitivity", "KINDS"]
