@@ -109,15 +109,17 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int,
-                   drop_last: bool = False) -> DataLoader:
+def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int, drop_last: bool = False,
+                   num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A shuffled loader over this process's shard (all of it outside torchrun)."""
+    options = {"num_workers": num_workers, "pin_memory": pin_memory}
     if not is_distributed():
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                          drop_last=drop_last)
+                          drop_last=drop_last, **options)
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      **options)
 
 
 def average_gradients(params: Any) -> None:

@@ -23,8 +23,8 @@ from kdcompress.artifacts import RECIPE_FILE, WEIGHTS_FILE, OnnxModel, num_param
 from kdcompress.data import Task
 from kdcompress.training import predict_logits
 
-__all__ = ["MeasureConfig", "measure", "latency", "latency_against", "predict", "count_macs",
-           "time_call", "time_calls"]
+__all__ = ["MeasureConfig", "measure", "latency", "latency_against", "predict", "predict_split",
+           "count_macs", "time_call", "time_calls"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,20 @@ def predict(
     if isinstance(model, OnnxModel):
         return torch.cat([model.predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     return predict_logits(model, x, batch_size=batch_size)
+
+
+def predict_split(model: nn.Module | OnnxModel, task: Task, split: str, *,
+                  batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a torch or ONNX model on one split of ``task`` and its labels (CPU).
+
+    The split is streamed in batches (:meth:`~kdcompress.data.Task.batches`), so a data set
+    larger than memory is measured without being loaded whole.
+    """
+    logits, labels = [], []
+    for x, y in task.batches(split, batch_size=batch_size):
+        logits.append(predict(model, x, batch_size=batch_size))
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def _batch(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -237,17 +251,17 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
     onnx = isinstance(model, OnnxModel)
     val_accuracy = None
     if task.val is not None:
-        xv, yv = task.arrays("val")
-        val_accuracy = round(float((predict(model, xv).argmax(1) == yv).float().mean()), 6)
+        logits, yv = predict_split(model, task, "val")
+        val_accuracy = round(float((logits.argmax(1) == yv).float().mean()), 6)
     accuracy = agreement = None
     if test:
-        x, y = task.arrays("test")
-        preds = predict(model, x).argmax(1)
+        logits, y = predict_split(model, task, "test")
+        preds = logits.argmax(1)
         accuracy = round(float((preds == y).float().mean()), 6)
         if reference is not None:
             agreement = round(float((preds == reference).float().mean()), 6)
-    else:
-        x, _ = task.arrays(task.eval_split)
+    # the timed inputs: the first samples of the split (as many as the largest batch timed)
+    x = task.head("test" if test else task.eval_split, max(config.batch_sizes))
     row: dict[str, Any] = {
         "params": num_params(model),
         "size_bytes": model.size_bytes if onnx else _torch_size(folder, model),

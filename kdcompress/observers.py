@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kdcompress.data import Task
-from kdcompress.metrics import MeasureConfig, measure, predict
+from kdcompress.metrics import MeasureConfig, measure, predict_split
 from kdcompress.progress import Progress, StageFinished
 from kdcompress.report import Report, StageRow
 
@@ -72,8 +72,8 @@ class Measurer(Progress):
         if is_baseline:
             self.baseline = event.artifact
             if self.read_test:
-                x, _ = self.task.arrays("test")
-                self.baseline_predictions = predict(event.artifact, x).argmax(1)
+                logits, _ = predict_split(event.artifact, self.task, "test")
+                self.baseline_predictions = logits.argmax(1)
         report.add(event.row, order=self.order)
 
 

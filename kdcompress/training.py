@@ -37,7 +37,7 @@ from kdcompress.declare import Check, Choice, Float, Int
 from kdcompress.errors import DivergedError, StageError
 
 __all__ = ["fit", "FitConfig", "FitResult", "EpochStats", "LossFn", "OPTIMIZERS", "SCHEDULES",
-           "FIT_CHECKS", "make_optimizer", "accuracy", "predict_logits"]
+           "FIT_CHECKS", "make_optimizer", "accuracy", "predict_logits", "predict_split"]
 
 #: ``"adamw"`` (AdamW) or ``"sgd"`` (momentum 0.9, Nesterov).
 OPTIMIZERS = ("adamw", "sgd")
@@ -84,6 +84,10 @@ class FitConfig:
     amp : bool
         Automatic mixed precision (float16 autocast with a gradient scaler) when training on
         CUDA; ignored on the CPU.
+    transform : callable, optional
+        ``transform(x) -> x`` applied to every training batch on the training device, without
+        gradient, before ``loss_fn`` sees it (random augmentation, :mod:`kdcompress.augment`);
+        never to the batches that are measured. It must keep the batch's shape.
 
     Raises
     ------
@@ -99,12 +103,16 @@ class FitConfig:
     schedule: str = "cosine"
     grad_clip: float | None = None
     amp: bool = True
+    transform: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         for key, check in {**FIT_CHECKS, "amp": Choice([True, False])}.items():
             problem = check(key, getattr(self, key))
             if problem:
                 raise StageError(f"FitConfig: {problem}")
+        if self.transform is not None and not callable(self.transform):
+            raise StageError(f"FitConfig: transform must be a callable on batches, but got "
+                             f"{type(self.transform).__name__}")
 
 
 @dataclass(frozen=True)
@@ -287,6 +295,7 @@ class _Loop:
                              f"{type(model).__name__} requires a gradient")
         train_set: Dataset = data.split("train")
         self.train_set = _Indexed(train_set) if with_index else train_set
+        self.options = data.loader_options(train_set)  # DataLoader workers, pinned memory
         per_epoch = len(self.loader(ctx.seed))
         self.optimizer, self.scheduler = make_optimizer(self.trainable, config,
                                                         total_steps=config.epochs * per_epoch)
@@ -300,10 +309,11 @@ class _Loop:
         half ``batch_size`` is dropped."""
         size = self.config.batch_size
         make = distributed.sharded_loader if self.parallel else _plain_loader
-        loader = make(self.train_set, batch_size=size, seed=seed)
+        loader = make(self.train_set, batch_size=size, seed=seed, **self.options)
         n = len(loader.sampler)  # type: ignore[arg-type]
         if n > size and 0 < n % size < size / 2:
-            loader = make(self.train_set, batch_size=size, seed=seed, drop_last=True)
+            loader = make(self.train_set, batch_size=size, seed=seed, drop_last=True,
+                          **self.options)
         return loader
 
     def epoch(self, epoch: int) -> dict[str, float]:
@@ -313,11 +323,25 @@ class _Loop:
         count = 0
         for i, batch in enumerate(self.loader(self.ctx.seed + epoch - 1), 1):
             x, y = batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)
+            if self.config.transform is not None:
+                x = self._augmented(x)
             index = batch[2] if self.with_index else None
             for name, value in self.step(x, y, index, epoch=epoch, step=i).items():
                 sums[name] = sums.get(name, 0.0) + value * len(x)
             count += len(x)
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _augmented(self, x: Tensor) -> Tensor:
+        """``config.transform`` of a training batch; a StageError if it changes the shape."""
+        with torch.no_grad():
+            out = self.config.transform(x)  # type: ignore[misc]
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise StageError(f"stage '{self.ctx.name}': transforms={self.config.transform!r} "
+                             f"turned a batch of shape {tuple(x.shape)} into {got}; a training "
+                             "transform must keep the batch's shape (crop back to the input "
+                             "size)")
+        return out
 
     def step(self, x: Tensor, y: Tensor, index: Tensor | None, *, epoch: int,
              step: int) -> dict[str, float]:
@@ -398,11 +422,12 @@ class _Indexed(Dataset):
         return x, y, i
 
 
-def _plain_loader(dataset: Dataset, *, batch_size: int, seed: int,
-                  drop_last: bool = False) -> DataLoader:
+def _plain_loader(dataset: Dataset, *, batch_size: int, seed: int, drop_last: bool = False,
+                  num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """All of ``dataset``, shuffled with its own seeded generator."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
+                      pin_memory=pin_memory)
 
 
 def _as_loss(out: Any, stage: str) -> tuple[Tensor, Mapping[str, Tensor]]:
@@ -463,8 +488,26 @@ def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
     return torch.cat(outs)
 
 
+@torch.no_grad()
+def predict_split(model: nn.Module, data: Task, split: str = "val", *, batch_size: int = 512,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``model`` (in eval mode) on one split and its labels, both on the CPU.
+
+    The split is streamed in batches (:meth:`~kdcompress.data.Task.batches`): its inputs are
+    never all in memory at once, only the logits and labels are kept.
+    """
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for x, y in data.batches(split, batch_size=batch_size):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
 def accuracy(model: nn.Module, data: Task, split: str = "val", *,
              device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy of ``model`` on one split of ``data`` (0..1)."""
-    x, y = data.arrays(split)
-    return float((predict_logits(model, x, device=device).argmax(1) == y).float().mean())
+    """Top-1 accuracy of ``model`` on one split of ``data`` (0..1), streamed in batches."""
+    logits, y = predict_split(model, data, split, device=device)
+    return float((logits.argmax(1) == y).float().mean())
