@@ -27,11 +27,14 @@ warnings of the stage.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
+import shutil
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +45,13 @@ from onnxruntime.quantization import CalibrationDataReader
 from kdcompress.artifacts import OnnxModel
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
-from kdcompress.declare import Choice, Int, check_arguments, stage
+from kdcompress.declare import Choice, Float, Int, check_arguments, stage
 from kdcompress.errors import StageError
+from kdcompress.metrics import MeasureConfig, time_calls
 
-__all__ = ["quantize_onnx", "QuantizerLog", "explain_slow_int8", "slow_int8_reasons",
-           "quantized_nodes", "small_convs", "cpu_int8_features", "QUANTIZE_MODES",
-           "CALIBRATION_METHODS"]
+__all__ = ["quantize_onnx", "Int8Graphs", "keep_fp32", "QuantizerLog", "explain_slow_int8",
+           "slow_int8_reasons", "quantized_nodes", "small_convs", "cpu_int8_features",
+           "QUANTIZE_MODES", "CALIBRATION_METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,12 @@ QUANTIZE_MODES = ("static", "dynamic", "auto")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 GRAPH_FILE = "model.onnx"
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_DYNAMIC_OPS = ("MatMul", "Gemm")
 _INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger",
              "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 _CALIBRATION_BATCH = 64
 _MIN_CONV_REDUCTION = 32  # C_in * kh * kw below this: int8 may lose to fp32; timed
+_SPEEDUP_KEPT = 0.8  # a reverted graph keeping less of full int8's speed-up is flagged
 _LOG_LIMIT = 100  # quantizer_log keeps this many lines, then counts the rest
 #: Quantizer messages that mean part of the graph is not quantized as asked: they become warnings.
 _LOG_MATTERS = ("not quantized", "skip to quantize", "failed", "exceeds the range",
@@ -70,10 +76,12 @@ _LOG_MATTERS = ("not quantized", "skip to quantize", "failed", "exceeds the rang
     "calibration": Choice(CALIBRATION_METHODS),
     "samples": Int(min=1),
     "per_channel": Choice([True, False]),
+    "max_drop": Float(ge=0, optional=True),
 })
 def quantize_onnx(
     model: OnnxModel, *, mode: str = "static", calibration: str = "minmax", samples: int = 256,
-    per_channel: bool = True, data: Task | None = None, ctx: StageContext | None = None,
+    per_channel: bool = True, max_drop: float | None = None, data: Task | None = None,
+    ctx: StageContext | None = None,
 ) -> OnnxModel:
     """Quantize an fp32 ONNX graph to int8 with ONNX Runtime.
 
@@ -89,6 +97,12 @@ def quantize_onnx(
         Number of training inputs (>= 1) used for calibration (``static`` mode).
     per_channel : bool
         One scale per output channel of each weight (more accurate, as fast).
+    max_drop : float, optional
+        Validation accuracy, in points, the int8 graph may lose against ``model``. When full
+        int8 loses more, compute nodes go back to fp32 one at a time, the one whose int8 alone
+        costs the most validation accuracy first (:func:`kdcompress.analysis.int8.node_costs`),
+        until the graph is within ``max_drop``; no further. ``None`` (default): quantize every
+        node, whatever it costs.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -96,25 +110,31 @@ def quantize_onnx(
     -------
     OnnxModel
         ``model.onnx`` in the stage's work folder, in QDQ format (``static``) or with
-        ``MatMulInteger``/``DynamicQuantizeMatMul`` nodes (``dynamic``).
+        ``MatMulInteger``/``DynamicQuantizeMatMul`` nodes (``dynamic``). When ``max_drop`` sent
+        every quantized node back to fp32, a copy of ``model``.
 
     Raises
     ------
     PipelineError
-        A setting breaks its rule (unknown ``mode`` or ``calibration``, ``samples < 1``).
+        A setting breaks its rule (unknown ``mode`` or ``calibration``, ``samples < 1``,
+        ``max_drop < 0``).
     StageError
-        ``model`` is not an ONNX graph, or ONNX Runtime's quantizer failed.
+        ``model`` is not an ONNX graph, ONNX Runtime's quantizer failed, or ``max_drop`` is set
+        and the task has no validation split.
 
     Examples
     --------
     >>> int8 = quantize_onnx(fp32, mode="static", samples=256, data=task)  # doctest: +SKIP
     >>> int8.size_bytes < fp32.size_bytes  # doctest: +SKIP
     True
+    >>> int8 = quantize_onnx(fp32, max_drop=0.3, data=task)  # doctest: +SKIP
     """
     check_arguments(quantize_onnx, {"mode": mode, "calibration": calibration, "samples": samples,
-                                    "per_channel": per_channel})
+                                    "per_channel": per_channel, "max_drop": max_drop})
     _check_model(model)
     ctx = resolve_context(ctx, "quantize_onnx", data)
+    if max_drop is not None:
+        _validation(ctx.data, max_drop)  # no validation split: fail before quantizing
     np.random.seed(ctx.seed)
     torch.manual_seed(ctx.seed)
     workdir = Path(ctx.workdir)
@@ -124,22 +144,26 @@ def quantize_onnx(
         mode = "static" if {"Conv", "ConvTranspose"} & fp32_ops else "dynamic"
     ctx.record("mode", mode)
 
-    prepared = workdir / "preprocessed.onnx"
     qlog = QuantizerLog()
-    _preprocess(model.path, prepared, ctx, qlog)
+    inputs = ctx.data.calibration(samples, seed=ctx.seed) if mode == "static" else None
     path = workdir / GRAPH_FILE
+    everything_reverted = False
+    graphs = Int8Graphs(model, mode=mode, inputs=inputs, calibration=calibration,
+                        per_channel=per_channel, qlog=qlog, warn=ctx.warn)
     try:
         if mode == "static":
-            _quantize_static_fastest(prepared, path, ctx, qlog, calibration, samples, per_channel)
+            kept = _quantize_static_fastest(graphs, path, ctx)
             ctx.record("format", "QDQ")
             ctx.record("calibration", calibration)
             ctx.record("calibration_samples", min(samples, len(ctx.data.train)))  # type: ignore
         else:
-            _quantize_dynamic(prepared, path, qlog, per_channel)
+            graphs.build(path)
+            kept = []
             ctx.record("format", "QOperator (dynamic)")
+        if max_drop is not None:
+            everything_reverted = _meet_budget(model, graphs, path, kept, max_drop, ctx)
     finally:
-        prepared.unlink(missing_ok=True)
-        prepared.with_name(prepared.name + ".data").unlink(missing_ok=True)
+        graphs.close()
         ctx.record("quantizer_log", qlog.lines())
     for line in qlog.important():
         ctx.warn(f"ONNX Runtime's quantizer: {line}")
@@ -148,7 +172,7 @@ def quantize_onnx(
     counts = quantized_nodes(result)
     ctx.record("quantized_nodes", counts["quantized"])
     ctx.record("fp32_compute_nodes", counts["fp32"])
-    if not counts["quantized"]:
+    if not counts["quantized"] and not everything_reverted:
         ctx.warn(f"no node was quantized ({mode} mode quantizes "
                  f"{'Conv/MatMul/Gemm' if mode == 'static' else 'MatMul/Gemm'}; the graph has "
                  f"{sorted(fp32_ops & set(_COMPUTE_OPS)) or 'none of them'})")
@@ -176,7 +200,17 @@ def _op_types(model: OnnxModel) -> set[str]:
     return {node.op_type for node in proto.graph.node}
 
 
-def _preprocess(source: Path, target: Path, ctx: StageContext, qlog: QuantizerLog) -> None:
+def _validation(task: Task, max_drop: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split ``max_drop`` is judged on; an error naming the fix without one."""
+    if task.val is None:
+        raise StageError(f"quantize_onnx: max_drop={max_drop} is judged on the validation split, "
+                         f"but task '{task.name}' has none; give it one (x_val/y_val in "
+                         "data.from_tensors, val= in data.from_datasets) or drop max_drop")
+    return task.arrays("val")
+
+
+def _preprocess(source: Path, target: Path, warn: Callable[[str], None],
+                qlog: QuantizerLog) -> None:
     """``quant_pre_process``: shape inference and fp32 graph optimisation before quantizing."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -189,10 +223,8 @@ def _preprocess(source: Path, target: Path, ctx: StageContext, qlog: QuantizerLo
             with qlog.capture():
                 quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
         except Exception as exc2:
-            ctx.warn(f"quant_pre_process failed ({type(exc2).__name__}: {exc2}); quantizing the "
-                     "graph as exported")
-            import shutil
-
+            warn(f"quant_pre_process failed ({type(exc2).__name__}: {exc2}); quantizing the "
+                 "graph as exported")
             shutil.copyfile(source, target)
 
 
@@ -208,69 +240,285 @@ class _Calibration(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def _quantize_static_fastest(source: Path, target: Path, ctx: StageContext, qlog: QuantizerLog,
-                             calibration: str, samples: int, per_channel: bool) -> None:
-    """Static QDQ; with small-reduction convs, also without quantizing them, keeping the faster."""
-    import onnx
+def _calibration_cache_supported() -> bool:
+    """Whether ``quantize_static`` can save and reload its activation ranges (newer releases)."""
+    from onnxruntime.quantization import quantize_static
 
-    small = small_convs(onnx.load(str(source), load_external_data=False))
-    _quantize_static(source, target, ctx, qlog, calibration, samples, per_channel, exclude=[])
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+class Int8Graphs:
+    """Int8 versions of one fp32 graph under one setting of ``quantize_onnx``, calibrated once.
+
+    The graph is pre-processed once (``quant_pre_process``) into a scratch folder. :meth:`build`
+    writes an int8 graph with some compute nodes left in fp32 (``exclude``, ONNX Runtime's
+    ``nodes_to_exclude``) or only some quantized (``only``, its ``nodes_to_quantize``). In
+    ``static`` mode the first build computes the activation ranges and saves them to a calibration
+    cache (``quantize_static(calibration_cache_path=...)``), which every later build loads instead
+    of running calibration again: graphs that differ only in their node sets share one
+    calibration. With an ONNX Runtime whose ``quantize_static`` lacks that argument, every build
+    calibrates; :attr:`calibrations` counts the passes either way.
+
+    Parameters
+    ----------
+    model : OnnxModel
+        The fp32 graph; it is read, never changed.
+    mode : {"static", "dynamic"}
+        As in :func:`quantize_onnx`.
+    inputs : torch.Tensor, optional
+        Calibration inputs (``static`` mode), e.g. ``Task.calibration(256)``.
+    calibration : {"minmax", "entropy", "percentile"}
+        As in :func:`quantize_onnx`.
+    per_channel : bool
+        As in :func:`quantize_onnx`.
+    qlog : QuantizerLog, optional
+        Receives the quantizer's output (a new one by default).
+    warn : callable, optional
+        Receives warnings (a stage passes ``ctx.warn``).
+
+    Examples
+    --------
+    >>> with Int8Graphs(fp32, inputs=task.calibration(256)) as graphs:  # doctest: +SKIP
+    ...     names = [name for name, op in graphs.nodes()]
+    ...     mixed = graphs.build(tmp / "mixed.onnx", exclude=names[:1])
+    """
+
+    def __init__(self, model: OnnxModel, *, mode: str = "static",
+                 inputs: torch.Tensor | None = None, calibration: str = "minmax",
+                 per_channel: bool = True, qlog: QuantizerLog | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        if mode not in ("static", "dynamic"):
+            raise StageError(f"Int8Graphs: mode must be 'static' or 'dynamic', but got {mode!r}")
+        if mode == "static" and (inputs is None or not len(inputs)):
+            raise StageError("Int8Graphs: static mode needs calibration inputs (inputs=...)")
+        self.mode, self.inputs = mode, inputs
+        self.calibration, self.per_channel = calibration, per_channel
+        self.qlog = qlog or QuantizerLog()
+        self.calibrations = 0
+        self._scratch = tempfile.TemporaryDirectory(prefix="kdcompress-int8-")
+        self.source = Path(self._scratch.name) / "preprocessed.onnx"
+        self._cache = Path(self._scratch.name) / "calibration.json"
+        self._use_cache = mode == "static" and _calibration_cache_supported()
+        _preprocess(model.path, self.source, warn or log.warning, self.qlog)
+
+    def __enter__(self) -> Int8Graphs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the scratch folder (the pre-processed graph and the calibration cache)."""
+        self._scratch.cleanup()
+
+    def proto(self) -> Any:
+        """The pre-processed fp32 graph (without external data)."""
+        import onnx
+
+        return onnx.load(str(self.source), load_external_data=False)
+
+    def nodes(self) -> list[tuple[str, str]]:
+        """``(name, op_type)`` of the compute nodes this mode quantizes, in graph order.
+
+        The names are those of the pre-processed graph, the names ``exclude`` and ``only`` take.
+        """
+        ops = _COMPUTE_OPS if self.mode == "static" else _DYNAMIC_OPS
+        return [(n.name, n.op_type) for n in self.proto().graph.node if n.op_type in ops]
+
+    def build(self, target: Path, *, exclude: Iterable[str] = (),
+              only: Iterable[str] | None = None) -> OnnxModel:
+        """Write the int8 graph to ``target``: all compute nodes but ``exclude``, or ``only``."""
+        exclude, only = list(exclude), None if only is None else list(only)
+        if only is not None and not only:
+            raise StageError("Int8Graphs.build: only=[] would quantize nothing; pass None to "
+                             "quantize every node")
+        try:
+            with self.qlog.capture():
+                if self.mode == "static":
+                    self._static(target, exclude, only)
+                else:
+                    self._dynamic(target, exclude, only)
+        except Exception as exc:
+            raise StageError(f"quantize_onnx: {self.mode} quantization failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        if exclude or only is not None:
+            names = {name for name, _ in self.nodes()}
+            fp32 = set(exclude) if only is None else names - set(only) | set(exclude)
+            keep_fp32(target, fp32 & names)
+        return OnnxModel(target)
+
+    def _static(self, target: Path, exclude: list[str], only: list[str] | None) -> None:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[self.calibration]
+        reader = None
+        if not (self._use_cache and self._cache.is_file()):
+            input_name = self.proto().graph.input[0].name
+            reader = _Calibration(input_name, self.inputs, _CALIBRATION_BATCH)  # type: ignore
+            self.calibrations += 1
+        cache = {"calibration_cache_path": str(self._cache)} if self._use_cache else {}
+        quantize_static(str(self.source), str(target), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=None, per_channel=self.per_channel,
+                        nodes_to_exclude=exclude, nodes_to_quantize=only,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=method,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                        **cache)
+
+    def _dynamic(self, target: Path, exclude: list[str], only: list[str] | None) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(self.source), str(target), op_types_to_quantize=list(_DYNAMIC_OPS),
+                         per_channel=self.per_channel, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=exclude, nodes_to_quantize=only)
+
+
+def keep_fp32(path: Path, nodes: Iterable[str]) -> list[str]:
+    """Make the fp32 compute ``nodes`` of a QDQ graph stay fp32 when ONNX Runtime runs it.
+
+    A Conv, ConvTranspose or Gemm that the quantizer left in fp32 but whose input comes from a
+    ``DequantizeLinear`` (its producer runs in int8) is quantized anyway when a session loads the
+    graph: ONNX Runtime's ``WeightBiasQuantization`` optimisation gives it a per-tensor int8
+    weight, which can cost more accuracy than the per-channel weight it was excluded to avoid
+    (measured here: a Gemm excluded this way kept 12% accuracy instead of 93%). A single-input
+    ``Sum`` (an identity, which no optimisation removes) between the ``DequantizeLinear`` and
+    the node keeps it in fp32 for a copy of its input.
+
+    Returns the names of the nodes guarded this way; ``path`` is rewritten when there are any.
+    """
+    import onnx
+    from onnx import helper
+
+    wanted = set(nodes)
+    proto = onnx.load(str(path))
+    producers = {out: n.op_type for n in proto.graph.node for out in n.output}
+    guarded: list[str] = []
+    rewritten = []
+    for node in proto.graph.node:
+        if (node.name in wanted and node.op_type in _COMPUTE_OPS and node.input
+                and producers.get(node.input[0]) == "DequantizeLinear"):
+            source = node.input[0]
+            node.input[0] = f"{node.name}_fp32_input"
+            rewritten.append(helper.make_node("Sum", [source], [node.input[0]],
+                                              name=f"{node.name}_keep_fp32"))
+            guarded.append(node.name)
+        rewritten.append(node)
+    if guarded:
+        proto.graph.ClearField("node")
+        proto.graph.node.extend(rewritten)
+        onnx.save(proto, str(path))
+    return guarded
+
+
+def _quantize_static_fastest(graphs: Int8Graphs, target: Path, ctx: StageContext) -> list[str]:
+    """Static QDQ; with small-reduction convs, also without quantizing them, keeping the faster.
+
+    Returns the nodes kept in fp32 (``[]`` or the small convolutions).
+    """
+    small = small_convs(graphs.proto())
+    graphs.build(target)
     ctx.record("kept_fp32", [])
     if not small:
-        return
+        return []
     alternative = target.with_name("small_convs_fp32.onnx")
     try:
-        _quantize_static(source, alternative, ctx, qlog, calibration, samples, per_channel,
-                         exclude=small)
+        graphs.build(alternative, exclude=small)
         x = ctx.data.calibration(_CALIBRATION_BATCH, seed=ctx.seed).float().numpy()
         t_all, t_mixed = _side_by_side([OnnxModel(target), OnnxModel(alternative)], x, 1.0)
     except Exception as exc:  # the all-int8 graph is already there: keep it
         log.info("comparison with fp32 small convolutions skipped: %s", exc)
         alternative.unlink(missing_ok=True)
-        return
+        return []
     ctx.record("small_convs_ms", {"int8": round(1e3 * t_all, 3), "fp32": round(1e3 * t_mixed, 3)})
     if t_mixed < 0.97 * t_all:
         alternative.replace(target)
         ctx.record("kept_fp32", small)
-    else:
-        alternative.unlink(missing_ok=True)
+        return small
+    alternative.unlink(missing_ok=True)
+    return []
 
 
-def _quantize_static(source: Path, target: Path, ctx: StageContext, qlog: QuantizerLog,
-                     calibration: str, samples: int, per_channel: bool, *,
-                     exclude: list[str]) -> None:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _meet_budget(model: OnnxModel, graphs: Int8Graphs, path: Path, kept: list[str],
+                 max_drop: float, ctx: StageContext) -> bool:
+    """Move the costliest nodes back to fp32 until validation accuracy is within ``max_drop``.
 
-    proto = onnx.load(str(source), load_external_data=False)
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[calibration]
-    input_name = proto.graph.input[0].name
-    x = ctx.data.calibration(samples, seed=ctx.seed)
-    reader = _Calibration(input_name, x, _CALIBRATION_BATCH)
+    Replaces the graph at ``path`` when nodes go back; records what went back and why, and how
+    much of full int8's speed-up is left. Returns whether every quantized node went back.
+    """
+    from kdcompress.analysis.int8 import revert_to_budget  # kdcompress.analysis imports us
+
+    x, y = _validation(ctx.data, max_drop)
+    candidates = [(name, op) for name, op in graphs.nodes() if name not in kept]
+    with tempfile.TemporaryDirectory(prefix="kdcompress-int8-budget-") as tmp:
+        full = OnnxModel(shutil.copyfile(path, Path(tmp) / "full_int8.onnx"))
+        outcome = revert_to_budget(model, full, graphs, candidates, x, y, max_drop=max_drop,
+                                   folder=Path(tmp), exclude=kept)
+        ctx.record("max_drop", max_drop)
+        ctx.record("val_samples", len(y))
+        ctx.record("val_accuracy_fp32", round(outcome.fp32, 6))
+        ctx.record("val_accuracy_int8", round(outcome.int8, 6))
+        ctx.record("val_accuracy", round(outcome.accuracy, 6))
+        ctx.record("reverted", outcome.reverted)
+        ctx.record("node_costs", [c.to_dict() for c in outcome.costs])
+        ctx.record("calibration_passes", graphs.calibrations)
+        if not outcome.reverted:
+            return False
+        if outcome.graph is None:
+            path.unlink()
+            model.copy_to(path.parent, path.name)
+            lost = 100 * (outcome.fp32 - outcome.int8)
+            ctx.warn(f"max_drop={max_drop}: full int8 lost {lost:.2f} validation points and "
+                     f"all {len(candidates)} of its int8 compute nodes had to go back to fp32 "
+                     "to stay within it; nothing of int8 is left (the result is a copy of the "
+                     "fp32 graph). Raise max_drop, calibrate differently (calibration=, "
+                     "samples=), or keep the fp32 graph")
+            return True
+        shutil.copyfile(outcome.graph.path, path)
+        _speed_kept(model, full, OnnxModel(path), ctx)
+    return False
+
+
+def _speed_kept(fp32: OnnxModel, full: OnnxModel, reverted: OnnxModel, ctx: StageContext) -> None:
+    """Time fp32, full int8 and reverted graphs interleaved; warn when the speed-up is lost.
+
+    Records each graph's median latency (one thread, batch 1 and 64) and the fraction of full
+    int8's speed-up over fp32 that the reverted graph keeps.
+    """
+    x = ctx.data.calibration(_CALIBRATION_BATCH, seed=ctx.seed).float()
+    config = MeasureConfig(threads=1, warmup=3, repeats=20, min_seconds=0.2)
+    graphs = {"fp32": fp32, "int8": full, "reverted": reverted}
+    latency: dict[str, dict[str, float]] = {}
+    kept: dict[str, float | None] = {}
     try:
-        with qlog.capture():
-            quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=None, per_channel=per_channel,
-                            nodes_to_exclude=exclude,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=method,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    except Exception as exc:
-        raise StageError(f"quantize_onnx: static quantization failed: {type(exc).__name__}: "
-                         f"{exc}") from exc
-
-
-def _quantize_dynamic(source: Path, target: Path, qlog: QuantizerLog, per_channel: bool) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    try:
-        with qlog.capture():
-            quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"],
-                             per_channel=per_channel, weight_type=QuantType.QInt8)
-    except Exception as exc:
-        raise StageError(f"quantize_onnx: dynamic quantization failed: {type(exc).__name__}: "
-                         f"{exc}") from exc
+        sessions = {k: g.session("cpu", threads=1) for k, g in graphs.items()}
+        for batch in (1, 64):
+            feed = x.repeat(-(-batch // len(x)), *([1] * (x.ndim - 1)))[:batch].numpy()
+            feeds = [{s.get_inputs()[0].name: feed} for s in sessions.values()]
+            calls = [lambda s=s, f=f: s.run(None, f)
+                     for s, f in zip(sessions.values(), feeds, strict=True)]
+            times = time_calls(calls, config)
+            p50 = {k: t["p50"] for k, t in zip(graphs, times, strict=True)}
+            latency[f"batch_{batch}"] = p50
+            gain = p50["fp32"] - p50["int8"]
+            kept[f"batch_{batch}"] = round((p50["fp32"] - p50["reverted"]) / gain, 3) \
+                if gain > 0 else None
+    except Exception as exc:  # timing is advice; never fail the stage over it
+        log.info("reverted graph's speed check skipped: %s", exc)
+        return
+    ctx.record("revert_latency_ms", latency)
+    ctx.record("speedup_kept", kept)
+    share, b64 = kept["batch_64"], latency["batch_64"]
+    if share is not None and share < _SPEEDUP_KEPT:
+        ctx.warn(f"the reverted graph lost its int8 speed-up: it keeps {100 * share:.0f}% of full "
+                 f"int8's at batch 64 (fp32 {b64['fp32']:.3f} ms, full int8 {b64['int8']:.3f} "
+                 f"ms, reverted {b64['reverted']:.3f} ms, one thread): fp32 nodes between int8 "
+                 "ones add conversions; consider the fp32 graph, or a larger max_drop")
 
 
 # ----------------------------------------------------------------------------------------------
