@@ -11,7 +11,7 @@ Stages that are not planned in this run (``--only``, ``--until``) are still load
 when the store has them, so the report keeps every row it can vouch for.
 
 Search parameters take their defaults (:meth:`Pipeline.concrete`). A run folder made by a search
-keeps one folder per stage fingerprint (:class:`~kdcompress.search.store.FingerprintStore`);
+keeps one folder per stage fingerprint (:class:`~kdcompress.fingerprint_store.FingerprintStore`);
 every run into it uses that layout, computing each stage version under a lock of its own.
 """
 
@@ -54,7 +54,7 @@ from kdcompress.options import RunOptions
 from kdcompress.pipeline import Pipeline, Stage
 from kdcompress.progress import NullProgress, Progress, StageFinished
 from kdcompress.report import Report
-from kdcompress.search.store import FingerprintStore, is_fingerprint_layout
+from kdcompress.fingerprint_store import FingerprintStore, is_fingerprint_layout
 from kdcompress.store import Entry, RunStore
 
 __all__ = ["Runner", "run"]

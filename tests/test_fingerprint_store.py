@@ -12,7 +12,7 @@ from torch import nn
 
 from kdcompress import Pipeline, models
 from kdcompress import search as ks
-from kdcompress.search.store import is_fingerprint_layout
+from kdcompress.fingerprint_store import is_fingerprint_layout
 from kdcompress.stages import train
 
 CALLS: list[str] = []
