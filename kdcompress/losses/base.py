@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcompress.errors import LossError
+from kdcompress.losses.functional import upcast
 
 __all__ = ["DistillBatch", "DistillLoss", "Scaled", "Sum", "teacher_weights"]
 
@@ -66,7 +67,8 @@ class DistillBatch:
         if self.teacher_weights is not None:
             return self.teacher_weights
         b, k = len(self.student_logits), self.num_teachers
-        return self.student_logits.new_full((b, k), 1.0 / max(k, 1)).detach()
+        dtype = torch.promote_types(self.student_logits.dtype, torch.float32)
+        return self.student_logits.new_full((b, k), 1.0 / max(k, 1), dtype=dtype).detach()
 
     def teacher_mix(self) -> Tensor:
         """``(num_teachers,)`` batch-level teacher weights: the per-sample weights averaged."""
@@ -83,9 +85,12 @@ class DistillBatch:
         if self.num_teachers == 1:
             return self.teacher_logits[0]
         t = temperature
-        logp = torch.stack([F.log_softmax(z / t, -1) for z in self.teacher_logits], 1)  # (B,K,C)
-        logw = self.weights().clamp_min(1e-30).log()[:, :, None]
-        return t * torch.logsumexp(logp + logw, dim=1)
+        device = self.teacher_logits[0].device.type
+        with torch.autocast(device_type=device, enabled=False):  # float32 under autocast
+            logits = [upcast(z) for z in self.teacher_logits]
+            logp = torch.stack([F.log_softmax(z / t, -1) for z in logits], 1)  # (B, K, C)
+            logw = self.weights().float().clamp_min(1e-30).log()[:, :, None]
+            return t * torch.logsumexp(logp + logw.to(logp.dtype), dim=1)
 
     def student_feature(self, name: str | None) -> Tensor:
         """The student's feature ``name``, or its logits when ``name`` is ``None``."""
@@ -109,11 +114,14 @@ def teacher_weights(teacher_logits: list[Tensor], labels: Tensor, mode: str = "m
     if mode == "mean" or k == 1:
         if mode not in ("mean", "confidence"):
             raise LossError(f"teacher_weighting must be 'mean' or 'confidence', but got {mode!r}")
-        return teacher_logits[0].new_full((b, k), 1.0 / k)
+        return teacher_logits[0].new_full((b, k), 1.0 / k,
+                                          dtype=torch.promote_types(teacher_logits[0].dtype,
+                                                                    torch.float32))
     if mode != "confidence":
         raise LossError(f"teacher_weighting must be 'mean' or 'confidence', but got {mode!r}")
-    ce = torch.stack([F.cross_entropy(z.detach(), labels, reduction="none")
-                      for z in teacher_logits], 1)  # (B, K)
+    with torch.autocast(device_type=labels.device.type, enabled=False):
+        ce = torch.stack([F.cross_entropy(upcast(z.detach()), labels, reduction="none")
+                          for z in teacher_logits], 1)  # (B, K), float32
     return (1.0 - F.softmax(ce, dim=1)) / (k - 1)
 
 

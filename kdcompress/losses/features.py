@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -161,14 +162,16 @@ class FitNet(_LayerPairs):
             adapter = make_adapter(s.shape, t.shape, student_name=self.student[i],
                                    teacher_name=self.teacher[i])
             if adapter is not None:
-                self.adapters[f"pair{i}_teacher{k}"] = adapter.to(s.device, s.dtype)
+                # float32 weights for float16 / bfloat16 features (autocast casts per op)
+                self.adapters[f"pair{i}_teacher{k}"] = adapter.to(s.device, KF.upcast(s).dtype)
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        total = batch.student_logits.new_zeros(())
+        total = KF.upcast(batch.student_logits).new_zeros(())
         for i, k, w, s, t in self._pairs(batch):
             key = f"pair{i}_teacher{k}"
-            if key in self.adapters:
-                s = self.adapters[key](s)
+            if key in self.adapters:  # in float32 under autocast: a hint loss is small anyway
+                with torch.autocast(device_type=s.device.type, enabled=False):
+                    s = self.adapters[key](KF.upcast(s))
             total = total + w * KF.feature_loss(s, t, self.criterion)
         return total, {self.part: total}
 
@@ -179,18 +182,32 @@ class FitNet(_LayerPairs):
 class AT(_LayerPairs):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) between pairs of conv maps.
 
-    Channel counts may differ and spatial sizes are aligned by interpolation, so no adapter is
-    needed. The values are small (normalised maps): the paper weights the loss by
-    ``beta / 2 = 500``, e.g. ``AT("layer2", "layer3") * 500``. See
+    Channel counts may differ, so no adapter is needed. Maps of different spatial sizes are
+    aligned by average-pooling the larger **feature map** to the smaller size before the
+    attention maps are computed (``resize="pool"``, the default: the convention of RepDistiller's
+    ``distiller_zoo/AT.py`` and the code bases built on it), or by interpolating the smaller
+    **attention map** to the larger size (``resize="interpolate"``). The values are small
+    (normalised maps): the paper weights the loss by ``beta / 2 = 500``, e.g.
+    ``AT("layer2", "layer3") * 500``. See
     :func:`kdcompress.losses.functional.attention_transfer_loss`.
+
+    Examples
+    --------
+    >>> AT("layer2", "layer3", resize="interpolate")
+    AT(student=['layer2'], teacher=['layer3'], weights=[1.0], p=2.0, resize='interpolate')
     """
 
     part = "at"
 
     def __init__(self, student: str | Sequence[str], teacher: str | Sequence[str], *,
-                 p: float = 2.0, weights: Sequence[float] | None = None) -> None:
+                 p: float = 2.0, weights: Sequence[float] | None = None,
+                 resize: str = "pool") -> None:
         super().__init__(student, teacher, weights)
+        if resize not in ("pool", "interpolate"):
+            raise LossError(f"AT: resize must be 'pool' (average-pool the larger feature map, "
+                            f"the default) or 'interpolate', but got {resize!r}")
         self.p = float(p)
+        self.resize = resize
 
     def setup(self, batch: DistillBatch) -> None:
         for i, _, _, s, t in self._pairs(batch):
@@ -201,10 +218,10 @@ class AT(_LayerPairs):
                                 "maps (or two (B, C, L))")
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        total = batch.student_logits.new_zeros(())
+        total = KF.upcast(batch.student_logits).new_zeros(())
         for _, _, w, s, t in self._pairs(batch):
-            total = total + w * KF.attention_transfer_loss(s, t, self.p)
+            total = total + w * KF.attention_transfer_loss(s, t, self.p, self.resize)
         return total, {self.part: total}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}"
+        return f"{super().extra_repr()}, p={self.p}, resize={self.resize!r}"

@@ -5,6 +5,14 @@ The teacher side is always treated as a constant (detached): gradients flow to t
 Relation losses accept any ``(B, ...)`` tensors, flattened per sample, and the student and the
 teacher may have different widths.
 
+Mixed precision: every function is safe under ``torch.autocast`` (float16 or bfloat16). It turns
+autocast off for its own body and computes in float32 (float64 inputs stay float64), so its
+value is float32 even for float16 inputs and the gradient flows back in the input's dtype.
+Formulas that cancel (distances and angles from a Gram matrix) use float64 internally, and the
+scale-invariant ones rescale their inputs by an exact power of two first, so their values and
+gradients stay finite for features from 1e-20 to 1e2 in magnitude and equal the unscaled formula
+on normal inputs.
+
 Examples
 --------
 >>> import torch
@@ -15,7 +23,10 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +53,47 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
+# precision
+
+_LOW = (torch.float16, torch.bfloat16)
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is float16 or bfloat16; unchanged otherwise (float64 stays)."""
+    return x.float() if isinstance(x, Tensor) and x.dtype in _LOW else x
+
+
+def full_precision(fn: _Fn) -> _Fn:
+    """Run ``fn`` with autocast off and its float16 / bfloat16 tensor arguments in float32.
+
+    Autocast would otherwise run the matrix products inside a loss in half precision (overflow
+    above 65504 in float16, 3 significant digits in bfloat16). Gradients flow back through the
+    cast to the caller's dtype.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()})
+    return wrapper  # type: ignore[return-value]
+
+
+def _unit_scale(x: Tensor, per_sample: bool) -> Tensor:
+    """``x`` divided by a power of two close to its largest magnitude (each sample's, or the
+    batch's), taken as a constant: exact in floating point, so scale-invariant formulas give the
+    same values, while tiny or large features no longer underflow or overflow their squares."""
+    with torch.no_grad():
+        flat = x.detach().abs().flatten(1) if x.ndim > 1 else x.detach().abs()[:, None]
+        amax = flat.amax(1) if per_sample else flat.amax().reshape(1)
+        _, exponent = torch.frexp(amax)  # amax = m * 2**exponent, 0.5 <= m < 1
+        scale = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exponent),
+                            torch.ones_like(amax))
+        scale = scale.reshape(-1, *([1] * (x.ndim - 1))) if per_sample else scale.reshape(())
+    return x / scale
+
+
+# ----------------------------------------------------------------------------------------------
 # logits
 
 
@@ -57,6 +109,7 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
 
+@full_precision
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
     """Knowledge distillation: ``T^2 * KL(p_teacher || p_student)`` at temperature ``T``.
 
@@ -83,6 +136,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     return _kl_rows(log_p, log_q).mean() * t * t
 
 
+@full_precision
 def _dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
                temperature: float) -> tuple[Tensor, Tensor]:
     """Target-class (TCKD) and non-target-class (NCKD) terms of DKD, each already times T^2."""
@@ -103,6 +157,7 @@ def _dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
     return tckd, nckd
 
 
+@full_precision
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float = 1.0,
              beta: float = 8.0, temperature: float = 4.0) -> Tensor:
     """Decoupled knowledge distillation: ``alpha * TCKD + beta * NCKD``.
@@ -128,6 +183,7 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alp
     return alpha * tckd + beta * nckd
 
 
+@full_precision
 def focal_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
                   gamma: float = 2.0) -> Tensor:
     """KD with each sample weighted by how far the student is from the teacher's answer.
@@ -150,6 +206,7 @@ def focal_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     return (weight * per_sample).mean() * t * t
 
 
+@full_precision
 def topk_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
                  k: int = 5) -> Tensor:
     """KD on the teacher's ``k`` most likely classes plus one bin that merges all the others.
@@ -184,6 +241,7 @@ def topk_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
 # features
 
 
+@full_precision
 def feature_loss(student_feature: Tensor, teacher_feature: Tensor,
                  criterion: str = "mse") -> Tensor:
     """FitNets hint loss between a (adapted) student feature and a teacher feature.
@@ -200,44 +258,93 @@ def feature_loss(student_feature: Tensor, teacher_feature: Tensor,
     if criterion == "mse":
         return F.mse_loss(student_feature, teacher_feature)
     if criterion == "cosine":
-        s, t = student_feature.flatten(1), teacher_feature.flatten(1)
+        s = _unit_scale(student_feature.flatten(1), per_sample=True)
+        t = _unit_scale(teacher_feature.flatten(1), per_sample=True)
         return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
     raise LossError(f"feature_loss: criterion must be 'mse' or 'cosine', but got {criterion!r}")
 
 
-def attention_map(feature: Tensor, p: float = 2.0, size: tuple[int, ...] | None = None) -> Tensor:
-    """Spatial attention ``mean_c |F|^p`` of a ``(B, C, *spatial)`` map, resized, L2-normalised.
+_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_INTERPOLATE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
-    Returns ``(B, prod(spatial))``. Zagoruyko & Komodakis, ICLR 2017.
+
+@full_precision
+def attention_map(feature: Tensor, p: float = 2.0, size: tuple[int, ...] | None = None) -> Tensor:
+    """Spatial attention ``mean_c |F|^p`` of a ``(B, C, *spatial)`` map, L2-normalised.
+
+    Returns ``(B, prod(spatial))``. Zagoruyko & Komodakis, ICLR 2017. With ``size``, the map is
+    resized to ``size`` by interpolation (linear, bilinear or trilinear) after the channel mean;
+    :func:`attention_transfer_loss` pools the features instead by default.
     """
     if feature.ndim < 3:
         raise LossError(f"attention transfer needs (B, C, H, W) or (B, C, L) maps, but got shape "
                         f"{tuple(feature.shape)}")
+    if feature.ndim > 5:
+        raise LossError(f"attention transfer handles 1 to 3 spatial axes, but got shape "
+                        f"{tuple(feature.shape)}")
+    feature = _unit_scale(feature, per_sample=True)  # the normalised map does not change
     amap = feature.abs().pow(p).mean(1, keepdim=True)  # (B, 1, *spatial)
     if size is not None and tuple(amap.shape[2:]) != tuple(size):
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-        amap = F.interpolate(amap, size=size, mode=mode, align_corners=False)
+        amap = F.interpolate(amap, size=tuple(size), mode=_INTERPOLATE[len(size)],
+                             align_corners=False)
     return F.normalize(amap.flatten(1), dim=1)
 
 
-def attention_transfer_loss(student_feature: Tensor, teacher_feature: Tensor,
-                            p: float = 2.0) -> Tensor:
+def _pool_to(feature: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Average-pool ``(B, C, *spatial)`` to ``size`` (adaptive pooling; identity at that size)."""
+    if tuple(feature.shape[2:]) == size:
+        return feature
+    return _POOL[len(size)](feature, size)
+
+
+@full_precision
+def attention_transfer_loss(student_feature: Tensor, teacher_feature: Tensor, p: float = 2.0,
+                            resize: str = "pool") -> Tensor:
     """Attention transfer: squared distance between L2-normalised spatial attention maps.
 
     Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017. Each map is
     ``mean_c |F|^p`` over the channels, flattened and L2-normalised; the loss is the mean over the
     batch and the map of the squared difference (as in the authors' code; the paper's
     ``beta / 2`` factor, 1000 / 2 there, is left to the caller's weight). Channel counts may
-    differ; spatial sizes are aligned by interpolating the smaller map to the larger size.
+    differ.
+
+    Spatial sizes that differ are aligned as ``resize`` says:
+
+    - ``"pool"`` (default): the larger **feature map** is average-pooled
+      (``adaptive_avg_pool1d/2d/3d``) to the smaller size before the attention maps are
+      computed, each spatial axis to the smaller of the two sizes. This is the convention of the
+      widely used KD code bases: RepDistiller's ``distiller_zoo/AT.py`` (Tian et al., CRD,
+      ICLR 2020) pools the larger of ``f_s``, ``f_t`` with ``F.adaptive_avg_pool2d`` to the other's
+      height, and the code bases built on it (e.g. mdistiller) do the same.
+    - ``"interpolate"``: the smaller **attention map** is interpolated (bilinear for 2-D maps,
+      ``align_corners=False``) to the larger size, after the channel mean.
+
+    Parameters
+    ----------
+    student_feature, teacher_feature : Tensor
+        ``(B, C_s, *spatial_s)`` and ``(B, C_t, *spatial_t)`` with 1 to 3 spatial axes.
+    p : float
+        Exponent of the attention map.
+    resize : {"pool", "interpolate"}
+        How maps of different spatial sizes are aligned (see above).
     """
     if student_feature.ndim != teacher_feature.ndim or student_feature.ndim < 3:
         raise LossError(f"attention_transfer_loss: need two (B, C, *spatial) maps of one rank, "
                         f"but got {tuple(student_feature.shape)} and "
                         f"{tuple(teacher_feature.shape)}")
+    if resize not in ("pool", "interpolate"):
+        raise LossError(f"attention_transfer_loss: resize must be 'pool' or 'interpolate', but "
+                        f"got {resize!r}")
+    teacher_feature = teacher_feature.detach()
     s_size, t_size = tuple(student_feature.shape[2:]), tuple(teacher_feature.shape[2:])
-    size = s_size if math.prod(s_size) >= math.prod(t_size) else t_size
-    qs = attention_map(student_feature, p, size)
-    qt = attention_map(teacher_feature.detach(), p, size)
+    if resize == "pool":
+        size = tuple(min(a, b) for a, b in zip(s_size, t_size, strict=True))
+        qs = attention_map(_pool_to(student_feature, size), p)
+        qt = attention_map(_pool_to(teacher_feature, size), p)
+    else:
+        size = s_size if math.prod(s_size) >= math.prod(t_size) else t_size
+        qs = attention_map(student_feature, p, size)
+        qt = attention_map(teacher_feature, p, size)
     return (qs - qt).pow(2).mean()
 
 
@@ -253,22 +360,38 @@ def _flat_pair(fn: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tenso
 
 
 def _gram(x: Tensor) -> Tensor:
-    """Gram matrix of the batch centred on its mean (distances and angles do not change)."""
+    """Gram matrix of the batch centred on its mean (distances and angles do not change), in
+    float64: ``|x_i - x_j|^2 = G_ii + G_jj - 2 G_ij`` cancels, and float32 would lose the
+    distance between nearby samples (0.0067 apart at norm 60) in its rounding."""
+    x = x.double()
     x = x - x.mean(0, keepdim=True)
     return x @ x.T
 
 
+def _coincident(x: Tensor, g: Tensor) -> Tensor:
+    """``(B, B)`` mask of the pairs whose distance counts as zero: the diagonal, rows that are
+    equal element for element, and pairs whose squared distance is within float64 rounding of
+    their Gram entries (they differ by less than float32 can tell apart)."""
+    with torch.no_grad():
+        _, group = torch.unique(x.detach().flatten(1), dim=0, return_inverse=True)
+        same = group[:, None] == group[None, :]
+        diag = g.diagonal()
+        sq = diag[:, None] + diag[None, :] - 2.0 * g
+        tol = 8 * torch.finfo(g.dtype).eps * (diag[:, None] + diag[None, :])
+        return same | (sq <= tol)
+
+
 def _pdist(x: Tensor) -> Tensor:
-    """Euclidean distances between the rows of ``x`` (B, D); exact zeros on the diagonal and for
-    identical rows, with a zero (not NaN) gradient there."""
+    """Euclidean distances between the rows of ``x`` (B, D), in float64; exact zeros on the
+    diagonal and for coincident rows, with a zero (not NaN) gradient there."""
     g = _gram(x)
     diag = g.diagonal()
     sq = (diag[:, None] + diag[None, :] - 2.0 * g).clamp_min(0.0)
-    tol = 8 * torch.finfo(x.dtype).eps * (diag[:, None] + diag[None, :])
-    zero = (sq <= tol) | torch.eye(len(x), dtype=torch.bool, device=x.device)
+    zero = _coincident(x, g)
     return torch.where(zero, torch.zeros_like(sq), sq.masked_fill(zero, 1.0).sqrt())
 
 
+@full_precision
 def relation_matrix(x: Tensor, metric: str = "cosine") -> Tensor:
     """The ``(B, B)`` relation matrix of a batch of ``(B, ...)`` samples.
 
@@ -276,15 +399,16 @@ def relation_matrix(x: Tensor, metric: str = "cosine") -> Tensor:
     """
     x = x.flatten(1)
     if metric == "cosine":
-        x = F.normalize(x, dim=1)
+        x = F.normalize(_unit_scale(x, per_sample=True), dim=1)
         return x @ x.T
     if metric == "dot":
         return x @ x.T
     if metric == "euclidean":
-        return _pdist(x)
+        return _pdist(x).to(x.dtype)
     raise LossError(f"metric must be 'cosine', 'euclidean' or 'dot', but got {metric!r}")
 
 
+@full_precision
 def pairwise_relation_loss(student: Tensor, teacher: Tensor, metric: str = "cosine") -> Tensor:
     """Mean squared error between the student's and the teacher's batch relation matrices.
 
@@ -298,11 +422,12 @@ def pairwise_relation_loss(student: Tensor, teacher: Tensor, metric: str = "cosi
 
 def _normalised_pdist(x: Tensor) -> Tensor:
     b = len(x)
-    d = _pdist(x)
+    d = _pdist(x)  # float64
     mean = d.sum() / max(b * (b - 1), 1)  # mean over distinct (ordered) pairs
-    return d / mean.clamp_min(torch.finfo(x.dtype).tiny)
+    return d / mean.clamp_min(torch.finfo(d.dtype).tiny)
 
 
+@full_precision
 def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """RKD distance loss: Huber distance between normalised pairwise-distance matrices.
 
@@ -314,15 +439,14 @@ def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
     s, t = _flat_pair("rkd_distance_loss", student, teacher)
     with torch.no_grad():
         dt = _normalised_pdist(t)
-    return F.smooth_l1_loss(_normalised_pdist(s), dt, beta=1.0)
+    return F.smooth_l1_loss(_normalised_pdist(s), dt, beta=1.0).to(s.dtype)
 
 
-def _safe_inv_norms(g: Tensor) -> Tensor:
+def _safe_inv_norms(x: Tensor, g: Tensor) -> Tensor:
     """``1 / |x_b - x_a|`` from a Gram matrix; 0 where the two samples coincide (and a == b)."""
     diag = g.diagonal()
     sq = diag[:, None] + diag[None, :] - 2.0 * g
-    tol = 8 * torch.finfo(g.dtype).eps * (diag[:, None] + diag[None, :])
-    zero = (sq <= tol) | torch.eye(len(g), dtype=torch.bool, device=g.device)
+    zero = _coincident(x, g)
     return torch.where(zero, torch.zeros_like(sq), sq.masked_fill(zero, 1.0).rsqrt())
 
 
@@ -345,8 +469,8 @@ class _RKDAngle(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gs: Tensor, gt: Tensor, chunk: int) -> Tensor:  # noqa: D102
-        inv_s, inv_t = _safe_inv_norms(gs), _safe_inv_norms(gt)
+    def forward(ctx, gs: Tensor, gt: Tensor, inv_s: Tensor, inv_t: Tensor,  # noqa: D102
+                chunk: int) -> Tensor:
         b = len(gs)
         total = gs.new_zeros(())
         for start in range(0, b, chunk):
@@ -383,9 +507,10 @@ class _RKDAngle(torch.autograd.Function):
         d_sq = d_inv * (-0.5) * inv_s.pow(3)
         d_g += -2.0 * d_sq
         d_g += torch.diag(d_sq.sum(1) + d_sq.sum(0))
-        return d_g, None, None
+        return d_g, None, None, None, None
 
 
+@full_precision
 def rkd_angle_loss(student: Tensor, teacher: Tensor, *, chunk: int | None = None) -> Tensor:
     """RKD angle loss: Huber distance between the angles of all triplets of the batch.
 
@@ -402,13 +527,15 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor, *, chunk: int | None = None
     s, t = _flat_pair("rkd_angle_loss", student, teacher)
     b = len(s)
     if chunk is None:
-        chunk = max(1, (1 << 21) // max(b * b, 1))  # about 8 MiB per float32 temporary
-    gs = _gram(s)
+        chunk = max(1, (1 << 20) // max(b * b, 1))  # about 8 MiB per float64 temporary
+    gs = _gram(s)  # float64
     with torch.no_grad():
-        gt = _gram(t).to(gs.dtype)
-    return _RKDAngle.apply(gs, gt, int(chunk))
+        gt = _gram(t)
+        inv_s, inv_t = _safe_inv_norms(s, gs.detach()), _safe_inv_norms(t, gt)
+    return _RKDAngle.apply(gs, gt, inv_s, inv_t, int(chunk)).to(s.dtype)
 
 
+@full_precision
 def similarity_preserving_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Similarity-preserving KD: squared Frobenius distance of row-normalised batch Gram matrices.
 
@@ -416,11 +543,13 @@ def similarity_preserving_loss(student: Tensor, teacher: Tensor) -> Tensor:
     ``|| norm(F_s F_s^T) - norm(F_t F_t^T) ||_F^2 / B^2`` with each row L2-normalised.
     """
     s, t = _flat_pair("similarity_preserving_loss", student, teacher)
+    s, t = _unit_scale(s, per_sample=False), _unit_scale(t, per_sample=False)
     gs = F.normalize(s @ s.T, dim=1)
     gt = F.normalize(t @ t.T, dim=1)
     return (gs - gt).pow(2).sum() / len(s) ** 2
 
 
+@full_precision
 def triplet_relation_loss(student: Tensor, teacher: Tensor, margin: float | None = None) -> Tensor:
     """Triplet relations: the student keeps, for every anchor, which of two samples is closer.
 
@@ -441,9 +570,10 @@ def triplet_relation_loss(student: Tensor, teacher: Tensor, margin: float | None
         mask = (gap > 0) & distinct
         m = gap if margin is None else torch.full_like(gap, float(margin))
     hinge = (ds[:, :, None] - ds[:, None, :] + m).clamp_min(0.0)
-    return (hinge * mask).sum() / mask.sum().clamp_min(1)
+    return ((hinge * mask).sum() / mask.sum().clamp_min(1)).to(s.dtype)
 
 
+@full_precision
 def class_group_relation_loss(student: Tensor, teacher: Tensor, labels: Tensor,
                               metric: str = "cosine") -> Tensor:
     """Relations between the class centroids of the batch, student against teacher.

@@ -6,6 +6,7 @@ teachers' probabilities at the loss's temperature (:meth:`DistillBatch.soft_targ
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -120,8 +121,10 @@ class CE(DistillLoss):
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        value = F.cross_entropy(batch.student_logits, batch.labels,
-                                label_smoothing=self.label_smoothing)
+        logits = batch.student_logits
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            value = F.cross_entropy(KF.upcast(logits), batch.labels,
+                                    label_smoothing=self.label_smoothing)
         return value, {self.part: value}
 
     def needs_teacher(self) -> bool:
