@@ -10,8 +10,11 @@ standard IDX files from a local folder, never downloaded). The user's own data:
 """
 
 from kdcompress.data._builtin import DATA_ENV, digits, get, mnist, read_idx
+from kdcompress.data._folder import IMAGE_SUFFIXES, ImageFolder, from_folder
 from kdcompress.data._memory import from_datasets, from_tensors, limit_train, subset
+from kdcompress.data._npz import from_numpy
 from kdcompress.data._task import EVAL_BATCH, Task
 
-__all__ = ["Task", "digits", "mnist", "from_tensors", "from_datasets", "get", "limit_train",
-           "read_idx", "subset", "DATA_ENV", "EVAL_BATCH"]
+__all__ = ["Task", "digits", "mnist", "from_tensors", "from_datasets", "from_folder",
+           "from_numpy", "get", "limit_train", "read_idx", "subset", "ImageFolder",
+           "IMAGE_SUFFIXES", "DATA_ENV", "EVAL_BATCH"]
