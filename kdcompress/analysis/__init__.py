@@ -3,6 +3,7 @@
 Below the stages: stages may import it; it never imports the runner or the CLI.
 """
 
+from kdcompress.analysis.int8 import int8_sensitivity
 from kdcompress.analysis.sensitivity import KINDS, Cell, Sensitivity, sensitivity
 
-__all__ = ["Cell", "Sensitivity", "sensitivity", "KINDS"]
+__all__ = ["Cell", "Sensitivity", "sensitivity", "KINDS", "int8_sensitivity"]
