@@ -30,19 +30,20 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from kdcompress.artifacts import OnnxModel
 from kdcompress.data import Task
 from kdcompress.errors import DataError, InputError
 from kdcompress.layers.tensorize import LayerSpec, decompose_layer, select_layers
-from kdcompress.layers.tt import TT_LAYERS, set_module
+from kdcompress.layers.tt import TT_LAYERS
 from kdcompress.metrics import MeasureConfig, count_macs, time_call
 
 __all__ = ["Cell", "Sensitivity", "sensitivity", "KINDS", "prune_groups", "prune_group"]
@@ -75,7 +76,9 @@ class Cell:
     params : int
         The whole model's parameter count with this change.
     macs : int or None
-        The whole model's multiply-accumulates at batch 1 with this change; ``None`` if unknown.
+        The whole model's multiply-accumulates at batch 1 with this change (torch's FLOP counter
+        / 2: the unchanged model's, less the changed modules', plus their replacements');
+        ``None`` if unknown.
     latency_ms : float or None
         torch: the changed module(s) alone at batch 64, one thread (median); int8: see
         :func:`~kdcompress.analysis.int8.int8_sensitivity`.
@@ -305,6 +308,21 @@ def _changed_modules(before: nn.Module, after: nn.Module) -> set[str]:
 # the analysis
 
 
+def _module_macs(modules: dict[str, nn.Module], inputs: dict[str, list[Any]]) -> int | None:
+    """Multiply-accumulates of the modules on their first input row (batch 1)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            for name, module in modules.items():
+                if name in inputs:
+                    module(*[a[:1] if isinstance(a, torch.Tensor) else a for a in inputs[name]])
+    except Exception:  # an op the counter does not know: no number rather than a wrong one
+        return None
+    return int(counter.get_total_flops() // 2)
+
+
 def _timed(modules: dict[str, nn.Module], inputs: dict[str, list[Any]]) -> float | None:
     """Median milliseconds of the modules alone on their inputs at batch 64, one thread."""
     total = 0.0
@@ -323,18 +341,6 @@ def _timed(modules: dict[str, nn.Module], inputs: dict[str, list[Any]]) -> float
     return round(total, 4)
 
 
-@contextlib.contextmanager
-def _swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
-    originals = {name: model.get_submodule(name) for name in modules}
-    try:
-        for name, module in modules.items():
-            set_module(model, name, module)
-        yield model
-    finally:
-        for name, module in originals.items():
-            set_module(model, name, module)
-
-
 class _Run:
     """State shared by the cells of one analysis."""
 
@@ -349,6 +355,7 @@ class _Run:
         self.baseline = 0.0
         self.cells: list[Cell] = []
         self.dense: dict[str, dict[str, float]] = {}
+        self.dense_macs: dict[tuple[str, str], int | None] = {}
         self.notes: list[str] = []
 
     def accuracy(self, logits: torch.Tensor) -> float:
@@ -364,9 +371,20 @@ class _Run:
                                rel_error=None if rel_error is None else round(rel_error, 6)))
 
     def dense_latency(self, kind: str, layer: str, names: list[str]) -> None:
+        """Time the unchanged modules ``names`` and count their MACs (the cells' references)."""
         modules = {n: self.rec_module(n) for n in names}
         inputs = self.rec.module_inputs(names)
         self.dense.setdefault(kind, {})[layer] = _timed(modules, inputs) or 0.0
+        self.dense_macs[(kind, layer)] = _module_macs(modules, inputs)
+
+    def macs_with(self, kind: str, layer: str, modules: dict[str, nn.Module],
+                  inputs: dict[str, list[Any]]) -> int | None:
+        """The whole model's MACs with ``modules`` in place of the unchanged ones."""
+        before = self.dense_macs.get((kind, layer))
+        after = _module_macs(modules, inputs)
+        if self.macs is None or before is None or after is None:
+            return None
+        return self.macs - before + after
 
     def rec_module(self, name: str) -> nn.Module:
         holder = self.rec.gm if self.rec.incremental else self.rec.model
@@ -385,7 +403,6 @@ def _max_rank(layer: nn.Linear | nn.Conv2d, method: str) -> int:
 
 def _decomposition_cells(run: _Run, names: list[str], ranks: Sequence[int], method: str,
                          skip_larger: bool, counter: list[int], total: int) -> None:
-    work = copy.deepcopy(run.model).eval()
     for name in names:
         layer = run.model.get_submodule(name)
         run.dense_latency(method, name, [name])
@@ -395,16 +412,16 @@ def _decomposition_cells(run: _Run, names: list[str], ranks: Sequence[int], meth
                 run.progress(method, counter[0], total)
             if rank > _max_rank(layer, method):
                 continue
-            new, rec = decompose_layer(layer, method=method, rank=rank, name=name)
+            with threadpool_limits(limits=1, user_api="blas"):  # SVDs: faster on a busy CPU
+                new, rec = decompose_layer(layer, method=method, rank=rank, name=name)
             new.eval()
             if skip_larger and rec["params_after"] >= rec["params_before"]:
                 continue
             captured: dict[str, list[Any]] = {}
             logits = run.rec.logits({name: new}, captured)
-            with _swapped(work, {name: new}):
-                macs = count_macs(work, run.x[:1])
             run.add(name, method, rank, logits,
-                    run.params - rec["params_before"] + rec["params_after"], macs,
+                    run.params - rec["params_before"] + rec["params_after"],
+                    run.macs_with(method, name, {name: new}, captured),
                     _timed({name: new}, captured), rec["rel_error"])
 
 
@@ -433,7 +450,8 @@ def _prune_cells(run: _Run, groups: dict[str, list[str]], ratios: Sequence[float
                                         for i in range(0, len(run.x), 256)])
             run.add(root, "prune", float(ratio), logits,
                     sum(p.numel() for p in pruned.parameters()),
-                    count_macs(pruned, run.x[:1]), _timed(overrides, captured))
+                    run.macs_with("prune", root, overrides, captured),
+                    _timed(overrides, captured))
 
 
 def _torch_model(model: Any, data: Task) -> nn.Module:

@@ -16,6 +16,7 @@ from kdcompress.analysis.sensitivity import prune_group, prune_groups
 from kdcompress.errors import DataError, InputError, LayerError
 from kdcompress.layers.tensorize import decompose_layer
 from kdcompress.layers.tt import set_module
+from kdcompress.metrics import count_macs
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -24,8 +25,9 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
 
 
-def _brute_force(model: nn.Module, task: data.Task, cell: Cell, samples: int) -> float:
-    """The cell's accuracy from a full forward pass of the whole changed model."""
+def _brute_force(model: nn.Module, task: data.Task, cell: Cell, samples: int
+                 ) -> tuple[float, int | None]:
+    """The cell's accuracy from a full forward pass of the whole changed model, and its MACs."""
     x, y = task.arrays("val")
     x, y = x[:samples], y[:samples]
     if cell.kind == "prune":
@@ -34,7 +36,7 @@ def _brute_force(model: nn.Module, task: data.Task, cell: Cell, samples: int) ->
         new, _ = decompose_layer(model.get_submodule(cell.layer), method=cell.kind,
                                  rank=cell.setting)
         changed = set_module(copy.deepcopy(model), cell.layer, new)
-    return _accuracy(changed, x, y)
+    return _accuracy(changed, x, y), count_macs(changed, x[:1])
 
 
 class Residual(nn.Module):
@@ -80,7 +82,8 @@ def _check_cells(model: nn.Module, task: data.Task, result: Sensitivity) -> None
     assert result.baseline == pytest.approx(_accuracy(model, x[:result.samples],
                                                       y[:result.samples]), abs=1e-6)
     for cell in result.cells:
-        expected = _brute_force(model, task, cell, result.samples)
+        expected, macs = _brute_force(model, task, cell, result.samples)
+        assert cell.macs == macs, cell
         assert cell.accuracy == pytest.approx(expected, abs=1e-6), cell
         assert cell.drop == pytest.approx(100 * (result.baseline - expected), abs=1e-3)
 
