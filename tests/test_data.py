@@ -201,3 +201,144 @@ def test_limit_train_shortens_only_the_training_split():
     assert data.limit_train(task, 200).fingerprint != small.fingerprint
     with pytest.raises(DataError, match="limit must be >= 1"):
         data.limit_train(task, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# data sets that are not in memory: streamed, read sample by sample, never stacked
+
+
+class _Generated(torch.utils.data.Dataset):
+    """Samples made on demand (a stand-in for data on disk); counts the samples read."""
+
+    def __init__(self, n: int, *, seed: int = 0, bad: dict[int, tuple] | None = None) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 4, 4, generator=g)
+        self.y = torch.arange(n) % 3
+        self.bad = bad or {}
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        return self.bad.get(i, (self.x[i].clone(), int(self.y[i])))
+
+
+def test_from_datasets_fingerprint_streams_the_same_hash_as_stacking():
+    from kdcompress.data._checks import _hash_tensors
+
+    train, test = _Generated(20), _Generated(8, seed=1)
+    task = data.from_datasets(train, test)
+    labels = [torch.tensor([int(v) for v in d.y]) for d in (train, test)]
+    assert task.fingerprint == _hash_tensors(train.x, labels[0], test.x, labels[1])
+    assert task.num_classes == 3
+
+
+def test_a_lazy_task_trains_and_is_measured_without_being_stacked(monkeypatch, fast_measure):
+    import torch.nn.functional as F
+
+    from kdcompress import models
+    from kdcompress.metrics import measure
+    from kdcompress.training import FitConfig, fit
+
+    train, test = _Generated(40), _Generated(12, seed=1)
+    lazy = data.from_datasets(train, test, val=_Generated(12, seed=2), num_classes=3,
+                              fingerprint="v1")
+    memory = data.from_tensors(train.x, train.y, test.x, test.y, x_val=_Generated(12, seed=2).x,
+                               y_val=_Generated(12, seed=2).y, num_classes=3)
+    model = models.mlp(hidden=(8,)).build((1, 4, 4), 3)
+    expected = measure(model, memory, config=fast_measure)
+
+    def refuse(self, split="test"):
+        raise AssertionError(f"the {split} split was stacked whole")
+
+    monkeypatch.setattr(data.Task, "arrays", refuse)
+    row = measure(model, lazy, config=fast_measure)
+    assert (row["accuracy"], row["val_accuracy"]) == (expected["accuracy"],
+                                                      expected["val_accuracy"])
+    result = fit(model, lambda net, x, y: F.cross_entropy(net(x), y), lazy,
+                 config=FitConfig(epochs=1, batch_size=8))
+    assert result.steps == 5
+    train.reads = 0
+    x = lazy.calibration(6, seed=0)
+    assert train.reads == 6 and x.shape == (6, 1, 4, 4)
+    monkeypatch.undo()
+    assert torch.equal(x, memory.calibration(6, seed=0))
+
+
+def test_streamed_batches_are_checked_naming_the_sample():
+    nan = torch.zeros(1, 4, 4)
+    nan[0, 1, 1] = float("nan")
+    bad_label = data.from_datasets(_Generated(10), _Generated(20, bad={13: (torch.zeros(1, 4, 4),
+                                                                            7)}),
+                                   num_classes=3, fingerprint="v1")
+    with pytest.raises(DataError, match=r"the test split holds label 7 at sample 13, outside "
+                                        r"0\.\.2"):
+        list(bad_label.batches("test", batch_size=5))
+    bad_input = data.from_datasets(_Generated(10), _Generated(20, bad={6: (nan, 0)}),
+                                   num_classes=3, fingerprint="v1")
+    with pytest.raises(DataError, match=r"the test split: sample 6 holds NaN or inf"):
+        list(bad_input.batches("test", batch_size=5))
+
+
+def test_workers_and_pinned_memory_reach_the_loaders():
+    task = data.from_datasets(_Generated(10), _Generated(6), num_classes=3, fingerprint="v",
+                              num_workers=2, pin_memory=True)
+    assert task.loader("train").num_workers == 2 and task.loader("train").pin_memory
+    memory = data.from_tensors(torch.randn(4, 2), torch.arange(4) % 2, torch.randn(2, 2),
+                               torch.arange(2))
+    assert memory.loader_options(memory.train)["num_workers"] == 0
+    assert data.limit_train(task, 5).num_workers == 2
+    with pytest.raises(DataError, match=r"num_workers must be an integer >= 0, but got -1"):
+        data.from_datasets(_Generated(10), _Generated(6), num_classes=3, fingerprint="v",
+                           num_workers=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# .npz files
+
+
+def _npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def test_from_numpy_is_from_tensors_of_the_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.random((12, 1, 4, 4)), "y_train": np.arange(12) % 3,
+              "x_val": rng.random((6, 1, 4, 4)), "y_val": np.arange(6) % 3,
+              "x_test": rng.random((6, 1, 4, 4)), "y_test": np.arange(6) % 3}
+    task = data.from_numpy(_npz(tmp_path / "toy.npz", **arrays))
+    same = data.from_tensors(arrays["x_train"], arrays["y_train"], arrays["x_test"],
+                             arrays["y_test"], x_val=arrays["x_val"], y_val=arrays["y_val"])
+    assert task.name == "toy" and task.fingerprint == same.fingerprint
+    assert task.input_shape == (1, 4, 4) and task.num_classes == 3
+    for split in ("train", "val", "test"):
+        assert torch.equal(task.arrays(split)[0], same.arrays(split)[0])
+    scaled = data.from_numpy(tmp_path / "toy.npz", standardize=True)
+    x = scaled.arrays("train")[0]
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std(unbiased=False)) - 1) < 1e-4
+
+
+def test_from_numpy_errors_name_the_key(tmp_path):
+    x, y = np.zeros((4, 2)), np.arange(4) % 2
+    path = _npz(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x, y_tset=y)
+    with pytest.raises(DataError, match=r"has no array 'y_test' \(it holds x_train, y_train, "
+                                        r"x_test, y_tset\)\. Did you mean 'y_tset'\?"):
+        data.from_numpy(path)
+    path = _npz(tmp_path / "b.npz", x_train=x, y_train=y, x_test=x, y_test=y, x_val=x)
+    with pytest.raises(DataError, match=r"has 'x_val' but no 'y_val'"):
+        data.from_numpy(path)
+    path = _npz(tmp_path / "c.npz", x_train=np.array([{"a": 1}] * 4, dtype=object), y_train=y,
+                x_test=x, y_test=y)
+    with pytest.raises(DataError, match=r"array 'x_train' in .*c\.npz holds Python objects"):
+        data.from_numpy(path)
+    np.save(tmp_path / "d.npy", x)
+    with pytest.raises(DataError, match=r"holds a single array, not a \.npz archive"):
+        data.from_numpy(tmp_path / "d.npy")
+    with pytest.raises(DataError, match=r"missing\.npz does not exist"):
+        data.from_numpy(tmp_path / "missing.npz")
+    path = _npz(tmp_path / "e.npz", x_train=x, y_train=y + 0.5, x_test=x, y_test=y)
+    with pytest.raises(DataError, match=r"y_train holds torch.float64 values"):
+        data.from_numpy(path)
