@@ -75,6 +75,8 @@ BAD = [
     ({"recovery_lr": 0.0}, "recovery_lr must be > 0, but got 0.0"),
     ({"recovery_batch_size": 0}, "recovery_batch_size must be >= 1, but got 0"),
     ({"round_to": 0}, "round_to must be >= 1, but got 0"),
+    ({"allocation": "sensitive"}, "allocation must be one of 'uniform', 'sensitivity', but got "
+                                  "'sensitive'. Did you mean 'sensitivity'"),
 ]
 
 
@@ -140,3 +142,49 @@ def test_tt_layer_in_classifier_is_protected(trained, task, tmp_path):
     save_module(pruned, tmp_path)
     with torch.no_grad():
         assert torch.equal(pruned(x), load_module(tmp_path)(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# allocation="sensitivity": the same ratio spread by each group's measured sensitivity
+
+
+def test_uniform_allocation_is_todays_behaviour(trained, task):
+    ctx = StageContext.standalone("pruned", task)
+    default = prune(trained, ratio=0.4, recovery_epochs=0, data=task)
+    uniform = prune(trained, ratio=0.4, recovery_epochs=0, allocation="uniform", ctx=ctx)
+    assert default.state_dict().keys() == uniform.state_dict().keys()
+    assert all(torch.equal(v, uniform.state_dict()[k]) for k, v in default.state_dict().items())
+    assert "allocation" not in ctx.details
+
+
+def test_sensitivity_allocation_matches_uniform_params_and_records_groups(trained, task):
+    ratio = 0.4
+    uniform = prune(trained, ratio=ratio, recovery_epochs=0, data=task)
+    ctx = StageContext.standalone("pruned", task)
+    spread = prune(trained, ratio=ratio, recovery_epochs=0, allocation="sensitivity", ctx=ctx)
+    plan = ctx.details["allocation"]
+    counts, before = channel_counts(spread), channel_counts(trained)
+    # the same size as the uniform cut, within the parameters of one channel of some group
+    from kdcompress.analysis.sensitivity import prune_group
+
+    one_channel = max(n_params(trained) - n_params(prune_group(
+        trained, task.example(2), g["root"], 0.5 / g["channels"])) for g in plan["groups"])
+    assert plan["params_target"] == n_params(uniform)
+    assert plan["params_planned"] == n_params(spread) <= n_params(uniform)
+    assert n_params(uniform) - n_params(spread) < one_channel
+    for g in plan["groups"]:  # the record says what happened to every group
+        assert counts[g["root"]] == before[g["root"]] - g["removed"] == g["channels"] - g["removed"]
+        assert g["ratio"] == pytest.approx(g["removed"] / g["channels"], abs=1e-4)
+    assert {g["root"] for g in plan["groups"]} == set(before) - {"classifier.fc2"}
+    assert len({g["ratio"] for g in plan["groups"]}) > 1  # spread unevenly
+    assert plan["predicted_drop"] == pytest.approx(sum(g["predicted_drop"]
+                                                       for g in plan["groups"]), abs=1e-3)
+    # on these digits the measured spread costs less accuracy than the uniform cut
+    assert plan["predicted_drop"] < plan["uniform_predicted_drop"]
+    assert accuracy(spread, task, "val") > accuracy(uniform, task, "val")
+    assert spread(task.example(3)).shape == (3, 10)
+
+
+def test_sensitivity_allocation_rejects_global_pruning(trained, task):
+    with pytest.raises(PipelineError, match="allocation='sensitivity' .* global_pruning=True"):
+        prune(trained, ratio=0.3, allocation="sensitivity", global_pruning=True, data=task)
