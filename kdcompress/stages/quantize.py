@@ -18,6 +18,17 @@ channels, 7% faster with 32). ``static`` mode therefore builds the graph both wa
 by side, and keeps the faster one (``kept_fp32`` in the report). Calibration and this timing use
 training inputs (``Task.calibration``); the test split is never read here.
 
+``max_drop=POINTS`` bounds the validation accuracy int8 may cost: when the full int8 graph loses
+more than that against its fp32 parent, compute nodes go back to fp32 (``nodes_to_exclude``) one
+at a time, the node whose int8 alone costs the most validation accuracy first
+(:mod:`kdcompress.analysis.int8`), each step re-scored, until the graph is within budget. All the
+graphs share one calibration (:class:`Int8Graphs`). A node left in fp32 whose input comes from a
+``DequantizeLinear`` gets a single-input ``Sum`` in front of it (:func:`keep_fp32`): without it
+ONNX Runtime quantizes such a node anyway when it loads the graph (its ``WeightBiasQuantization``
+optimisation, with a per-tensor weight scale). The fp32, full int8 and reverted graphs are then
+timed side by side, and the stage warns when the reverted graph keeps less than 80% of full
+int8's speed-up.
+
 ONNX Runtime's quantizer logs through the root logger (``WARNING:root:...``) and prints
 calibration progress; while it runs, all of that goes to the report as ``quantizer_log`` instead
 of the terminal, and the lines that mean a part of the graph was not quantized as asked become
