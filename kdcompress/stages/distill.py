@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from kdcompress.augment import TRANSFORMS, Transforms, compose
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
 from kdcompress.declare import Choice, Float, Int, check_arguments, spec_of, stage
@@ -67,6 +68,7 @@ def default_loss() -> DistillLoss:
     "generations": Int(min=1),
     "ema_decay": Float(ge=0, lt=1),
     "cache_teacher": Choice([True, False]),
+    "transforms": TRANSFORMS,
 })
 def distill(
     student: nn.Module | ModelSpec, teacher: nn.Module | list[nn.Module] | None = None, *,
@@ -74,7 +76,8 @@ def distill(
     weight_decay: float = 1e-4, optimizer: str = "adamw", schedule: str = "cosine",
     grad_clip: float | None = None, teacher_weighting: str = "mean",
     self_distill: str | None = None, generations: int = 1, ema_decay: float = 0.999,
-    cache_teacher: bool = False, data: Task | None = None, ctx: StageContext | None = None,
+    cache_teacher: bool = False, transforms: Transforms | None = None, data: Task | None = None,
+    ctx: StageContext | None = None,
 ) -> nn.Module:
     """Train a copy of ``student`` against ``teacher`` (or several, or itself) with ``loss``.
 
@@ -102,7 +105,11 @@ def distill(
     ema_decay : float
         Decay of the EMA teacher (warmed up as ``min(decay, (1 + step) / (10 + step))``).
     cache_teacher : bool
-        Reuse the teachers' outputs across epochs when the data allow it (module docstring).
+        Reuse the teachers' outputs across epochs when the data allow it (module docstring);
+        ignored, with a warning, under ``transforms``.
+    transforms : Transform, function or list of them, optional
+        Random augmentation of the training batches (:mod:`kdcompress.augment`). The teachers
+        and the student see the same augmented batch.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -132,15 +139,20 @@ def distill(
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
         "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip,
         "teacher_weighting": teacher_weighting, "self_distill": self_distill,
-        "generations": generations, "ema_decay": ema_decay, "cache_teacher": cache_teacher})
+        "generations": generations, "ema_decay": ema_decay, "cache_teacher": cache_teacher,
+        "transforms": transforms})
     ctx = resolve_context(ctx, "distill", data)
+    augment = compose(transforms)
+    if augment is not None:
+        augment.check_input(ctx.data.input_shape, ctx.name)
     loss = _check_loss(loss, teacher, self_distill)
     torch.manual_seed(ctx.seed)
     student = copy.deepcopy(as_module(student, ctx.data)).to(ctx.device)
     if epochs == 0:
         return student.cpu().eval()
     config = FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                       optimizer=optimizer, schedule=schedule, grad_clip=grad_clip)
+                       optimizer=optimizer, schedule=schedule, grad_clip=grad_clip,
+                       transform=augment)
     run = _Run(ctx, config, teacher_weighting=teacher_weighting, cache_teacher=cache_teacher)
     if self_distill is None:
         teachers = [_frozen(as_module(t, ctx.data), ctx.device) for t in _as_list(teacher)]
@@ -310,6 +322,11 @@ class _Run:
             return False
         if ema_decay is not None:
             self.ctx.warn("cache_teacher ignored: the EMA teacher changes at every step")
+            return False
+        if self.config.transform is not None:
+            self.ctx.warn(f"cache_teacher ignored: transforms={self.config.transform!r} change "
+                          "each training sample at random, so the teacher must see each "
+                          "augmented batch")
             return False
         if not _index_cacheable(self.ctx.data.split("train")):
             self.ctx.warn("cache_teacher ignored: the training split is not tensor data, so a "

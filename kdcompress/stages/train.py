@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcompress.augment import TRANSFORMS, Transforms, compose
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import Task
 from kdcompress.declare import Float, check_arguments, spec_of, stage
@@ -18,12 +19,12 @@ __all__ = ["train"]
 
 
 @stage(role="train", distributed=True,
-       checks={**FIT_CHECKS, "label_smoothing": Float(ge=0, lt=1)})
+       checks={**FIT_CHECKS, "label_smoothing": Float(ge=0, lt=1), "transforms": TRANSFORMS})
 def train(
     model: nn.Module | ModelSpec, *, epochs: int = 10, lr: float = 2e-3, batch_size: int = 64,
     weight_decay: float = 1e-4, label_smoothing: float = 0.0, optimizer: str = "adamw",
-    schedule: str = "cosine", grad_clip: float | None = None, data: Task | None = None,
-    ctx: StageContext | None = None,
+    schedule: str = "cosine", grad_clip: float | None = None, transforms: Transforms | None = None,
+    data: Task | None = None, ctx: StageContext | None = None,
 ) -> nn.Module:
     """Train ``model`` on the task's training split with cross-entropy.
 
@@ -46,6 +47,9 @@ def train(
         Learning-rate schedule, stepped once per batch.
     grad_clip : float, optional
         Clip the gradient norm to this value.
+    transforms : Transform, function or list of them, optional
+        Random augmentation of the training batches (:mod:`kdcompress.augment`), e.g.
+        ``[RandomCrop(padding=2), Noise(0.1)]``; never applied to the batches measured.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -68,12 +72,17 @@ def train(
     """
     check_arguments(train, {"epochs": epochs, "lr": lr, "batch_size": batch_size,
                             "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-                            "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip})
+                            "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip,
+                            "transforms": transforms})
     ctx = resolve_context(ctx, "train", data)
+    augment = compose(transforms)
+    if augment is not None:
+        augment.check_input(ctx.data.input_shape, ctx.name)
     torch.manual_seed(ctx.seed)
     model = copy.deepcopy(as_module(model, ctx.data)).to(ctx.device)
     config = FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                       optimizer=optimizer, schedule=schedule, grad_clip=grad_clip)
+                       optimizer=optimizer, schedule=schedule, grad_clip=grad_clip,
+                       transform=augment)
 
     def loss_fn(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(net(x), y, label_smoothing=label_smoothing)
