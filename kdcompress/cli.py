@@ -1,5 +1,5 @@
-"""The kdcompress command: run a pipeline file, search its parameters, re-print a report, show a
-graph.
+"""The kdcompress command: run a pipeline file, search its parameters, analyse a stage's
+per-layer sensitivity, re-print a report, show a graph.
 
 Exit codes: 0 success (for a search, also when no trial met the budget); 1 a stage failed (the
 report up to it is written and names it) or the run folder cannot be written; 2 bad usage, a bad
@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-wait", action="store_true",
                      help="exit (code 2) instead of waiting when another run holds the run folder")
     _search_parser(sub)
+    _sensitivity_parser(sub)
     report = sub.add_parser("report", help="print a run's report (and a search's front) again")
     report.add_argument("run_dir", help="a run folder holding report.json or search/")
     report.add_argument("--markdown", action="store_true",
@@ -144,6 +145,39 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
 
 
+def _sensitivity_parser(sub: argparse._SubParsersAction) -> None:
+    sens = sub.add_parser(
+        "sensitivity", help="per layer of one stage's model, the validation accuracy lost at "
+        "each TT/SVD rank, prune ratio (and in int8), without retraining")
+    sens.add_argument("file", help="a Python file defining `pipeline`")
+    sens.add_argument("--stage", required=True, metavar="NAME",
+                      help="the stage whose model is analysed (run up to it, from the cache)")
+    sens.add_argument("--out", help="run folder (as for `run`); results go to "
+                      "RUN/analysis/<stage>/")
+    sens.add_argument("--data", metavar="NAME[:DIR]",
+                      help="replace the pipeline's data: digits, or mnist:DIR (IDX files)")
+    sens.add_argument("--train-limit", type=int, metavar="N",
+                      help="train on the first N training samples only")
+    sens.add_argument("--samples", type=int, default=1000, metavar="N",
+                      help="validation samples scored, the first N of the split (default 1000)")
+    sens.add_argument("--kinds", nargs="+", default=["tt", "prune"], metavar="KIND",
+                      help="what to change: tt, svd, prune, int8 (default: tt prune)")
+    sens.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32],
+                      metavar="R", help="TT/SVD rank ladder (default 1 2 4 8 16 32)")
+    sens.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.7],
+                      metavar="F", help="prune ratio ladder in (0, 1) (default 0.1 0.2 0.3 0.5 "
+                      "0.7)")
+    sens.add_argument("--method", default="tt", help="the decomposition of kind tt: tt or svd")
+    sens.add_argument("--layers", nargs="+", metavar="NAME",
+                      help="decomposable layers by qualified name (default: every nn.Linear "
+                      "whose factorisation is smaller); also limits the prune groups")
+    sens.add_argument("--int8", action="store_true",
+                      help="add each quantizable ONNX node alone in int8 (kind int8)")
+    sens.add_argument("--device", default="cpu", help="cpu or cuda (training device)")
+    sens.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
+    sens.add_argument("--no-plot", action="store_true", help="skip the heat map PNG")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kdcompress`` command; returns the exit code."""
     from kdcompress.progress import make_console
@@ -161,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, console, err)
         if args.command == "search":
             return _search(args, console)
+        if args.command == "sensitivity":
+            return _sensitivity(args, console, err)
         if args.command == "report":
             return _report(args, console)
         return _graph(args, console)
@@ -248,6 +284,77 @@ def _search(args: argparse.Namespace, console) -> int:
         console.print(f"front: {search.dir}/frontier.md, frontier.json, frontier.png"
                       + "".join(f"; best {o}: {search.dir}/best-{o}.py" for o in result.best),
                       highlight=False)
+    return EXIT_OK
+
+
+def _sensitivity_checks(args: argparse.Namespace, pipeline) -> tuple[str, ...]:
+    """Everything that can be refused before a stage runs; returns the kinds asked."""
+    from kdcompress.analysis.sensitivity import TORCH_KINDS, check_settings
+    from kdcompress.errors import did_you_mean
+
+    if args.stage not in pipeline.stages:
+        raise UsageError(f"--stage '{args.stage}' is not a stage of '{pipeline.name}'."
+                         f"{did_you_mean(args.stage, pipeline.stages)} Stages: "
+                         f"{', '.join(pipeline.order())}")
+    kinds = tuple(dict.fromkeys([*args.kinds, *(["int8"] if args.int8 else [])]))
+    check_settings(kinds, args.ranks, args.ratios, args.method, args.samples)
+    asked = [k for k in kinds if k in TORCH_KINDS]
+    if asked and pipeline.output_kind(args.stage) == {"onnx"}:
+        torch_stages = [n for n in pipeline.order() if pipeline.output_kind(n) == {"torch"}]
+        raise UsageError(f"stage '{args.stage}' produces an ONNX graph, but {', '.join(asked)} "
+                         "cells change a torch model: pick a stage before export_onnx ("
+                         f"{', '.join(torch_stages) or 'none here'}), or ask --kinds int8")
+    return kinds
+
+
+def _sensitivity(args: argparse.Namespace, console, err) -> int:
+    import tempfile
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from kdcompress.analysis import sensitivity
+    from kdcompress.analysis.files import render_tables
+    from kdcompress.errors import RunFailed
+    from kdcompress.metrics import MeasureConfig
+    from kdcompress.options import RunOptions
+    from kdcompress.progress import RichProgress
+    from kdcompress.runner import Runner
+
+    pipeline = load_pipeline(args.file)
+    kinds = _sensitivity_checks(args, pipeline)
+    task = _task(args, pipeline)
+    with tempfile.TemporaryDirectory() as scratch:  # the run's own report stays as it is
+        options = RunOptions(out=args.out, device=args.device, until=args.stage, data=task,
+                             threads=args.threads, plot=False, read_test=False,
+                             measure_only=(args.stage,), report_dir=scratch,
+                             measure=MeasureConfig(threads=args.threads, warmup=1, repeats=3,
+                                                   min_seconds=0.0))
+        runner = Runner(pipeline, options, progress=RichProgress(console))
+        try:
+            runner.run()
+        except RunFailed as exc:
+            err.print(f"[red bold]failed:[/] {exc}", highlight=False)
+            return EXIT_STAGE_FAILED
+    model = runner.artifacts[args.stage]
+    with Progress(TextColumn("sensitivity {task.description}"), BarColumn(),
+                  MofNCompleteColumn(), console=console, transient=True) as bar:
+        task_id = bar.add_task("", total=None)
+
+        def progress(kind: str, done: int, total: int) -> None:
+            bar.update(task_id, description=kind, completed=done, total=total)
+
+        result = sensitivity(model, runner.task, kinds=kinds, ranks=args.ranks,
+                             ratios=args.ratios, method=args.method, layers=args.layers,
+                             samples=args.samples, progress=progress)
+    folder = options.run_dir(pipeline.name) / "analysis" / args.stage
+    paths = result.save(folder, plot=not args.no_plot)
+    for table in render_tables(result):
+        console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note[/] {note}", highlight=False)
+    how = "incremental" if result.incremental else "full forward pass per cell"
+    console.print(f"{len(result.cells)} cells in {result.seconds:.1f} s ({how}): "
+                  + ", ".join(str(p) for p in paths.values()), highlight=False)
     return EXIT_OK
 
 

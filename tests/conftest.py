@@ -11,7 +11,8 @@ from kdcompress.metrics import MeasureConfig
 
 #: Pipeline files and worker scripts the tests run; not test modules (``--doctest-modules`` would
 #: import them, and some are broken on purpose).
-collect_ignore_glob = ["pipelines/*.py", "search/pipelines/*.py", "search/worker.py"]
+collect_ignore_glob = ["pipelines/*.py", "analysis/pipelines/*.py", "search/pipelines/*.py",
+                       "search/worker.py"]
 
 # The suite shares two cores with whatever else runs; one intra-op thread avoids oversubscription.
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kdcompress.analysis.sensitivity import Cell, Sensitivity
 
-__all__ = ["save", "markdown", "heatmap", "JSON_FILE", "MD_FILE", "PNG_FILE"]
+__all__ = ["save", "markdown", "heatmap", "render_tables", "JSON_FILE", "MD_FILE", "PNG_FILE"]
 
 JSON_FILE, MD_FILE, PNG_FILE = "sensitivity.json", "sensitivity.md", "sensitivity.png"
 _TITLES = {"tt": "TT rank", "svd": "SVD rank", "prune": "prune ratio", "int8": "int8"}
@@ -70,6 +70,33 @@ def markdown(result: Sensitivity) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def render_tables(result: Sensitivity) -> list:
+    """One ``rich.table.Table`` per kind: accuracy drop in points, coloured by size."""
+    from rich.table import Table
+
+    tables = []
+    for kind in result.kinds():
+        layers, settings, cells = _grid(result, kind)
+        table = Table(title=f"{_TITLES.get(kind, kind)} · accuracy drop (points)",
+                      caption=f"baseline {100 * result.baseline:.2f}% on {result.samples} "
+                              "samples")
+        table.add_column("layer", no_wrap=True)
+        for s in settings:
+            table.add_column(str(s), justify="right")
+        for layer in layers:
+            row = [layer]
+            for s in settings:
+                c = cells.get((layer, s))
+                if c is None:
+                    row.append("")
+                    continue
+                style = "green" if c.drop <= 0.5 else "yellow" if c.drop <= 2 else "red"
+                row.append(f"[{style}]{c.drop:+.2f}[/]")
+            table.add_row(*row)
+        tables.append(table)
+    return tables
+
+
 def heatmap(result: Sensitivity, path: Path) -> Path:
     """Draw layers x settings, colour = accuracy drop, one panel per kind."""
     import matplotlib
@@ -77,16 +104,17 @@ def heatmap(result: Sensitivity, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import Normalize
 
     kinds = result.kinds() or ["tt"]
     drops = [c.drop for c in result.cells] or [0.0]
-    top = max(max(drops), 1e-3)
-    norm = TwoSlopeNorm(vmin=min(min(drops), -1e-3), vcenter=0.0, vmax=top)
-    fig, axes = plt.subplots(1, len(kinds), squeeze=False,
-                             figsize=(max(4.0, 3.0 + 1.2 * sum(
-                                 len(_settings(result, k)) for k in kinds)),
-                                      1.5 + 0.45 * max(len(result.layers(k)) for k in kinds)))
+    better = min(drops) < 0  # a cell above the baseline: drawn in the colour below the scale
+    norm = Normalize(vmin=0.0, vmax=max(max(drops), 1.0))
+    cmap = plt.get_cmap("YlOrRd").with_extremes(under="#66bb6a")
+    width = sum(1.2 + 0.9 * len(_settings(result, k)) for k in kinds)
+    height = 1.2 + 0.4 * max(len(result.layers(k)) for k in kinds)
+    fig, axes = plt.subplots(1, len(kinds), squeeze=False, layout="constrained",
+                             figsize=(max(5.0, 2.5 + width), max(2.5, height)))
     image = None
     for ax, kind in zip(axes[0], kinds, strict=True):
         layers, settings, cells = _grid(result, kind)
@@ -95,20 +123,23 @@ def heatmap(result: Sensitivity, path: Path) -> Path:
             for j, s in enumerate(settings):
                 if (layer, s) in cells:
                     grid[i, j] = cells[(layer, s)].drop
-        image = ax.imshow(grid, cmap="RdYlGn_r", norm=norm, aspect="auto")
+        image = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto")
         for i in range(len(layers)):
             for j in range(len(settings)):
                 if not math.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7)
+                    dark = grid[i, j] > 0.6 * norm.vmax
+                    ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
         ax.set_xticks(range(len(settings)), [str(s) for s in settings], fontsize=8)
         ax.set_yticks(range(len(layers)), layers, fontsize=8)
         ax.set_xlabel(_TITLES.get(kind, kind))
         ax.set_title(kind)
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), label="validation accuracy drop (points)")
+        fig.colorbar(image, ax=axes[0].tolist(), label="validation accuracy drop (points)",
+                     extend="min" if better else "neither")
     fig.suptitle(f"baseline {100 * result.baseline:.2f}% on {result.samples} validation samples",
                  fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

@@ -46,12 +46,15 @@ from kdcompress.layers.tensorize import LayerSpec, decompose_layer, select_layer
 from kdcompress.layers.tt import TT_LAYERS
 from kdcompress.metrics import MeasureConfig, count_macs, time_call
 
-__all__ = ["Cell", "Sensitivity", "sensitivity", "KINDS", "prune_groups", "prune_group"]
+__all__ = ["Cell", "Sensitivity", "sensitivity", "check_settings", "KINDS", "TORCH_KINDS",
+           "prune_groups", "prune_group"]
 
 log = logging.getLogger(__name__)
 
 #: What a cell changes: a TT or SVD approximation, channel pruning, int8 in ONNX Runtime.
 KINDS = ("tt", "svd", "prune", "int8")
+#: The kinds that change a torch model (the others need an ONNX graph).
+TORCH_KINDS = ("tt", "svd", "prune")
 #: Latency of a changed layer: at this batch size, single-threaded.
 LATENCY_BATCH = 64
 _TIMING = MeasureConfig(threads=1, warmup=2, repeats=5, min_seconds=0.0)
@@ -172,8 +175,10 @@ class Sensitivity:
 # checks
 
 
-def _check_settings(kinds: Sequence[str], ranks: Sequence[int], ratios: Sequence[float],
+def check_settings(kinds: Sequence[str], ranks: Sequence[int], ratios: Sequence[float],
                     method: str, samples: int) -> None:
+    """Raise :class:`~kdcompress.errors.InputError` for settings :func:`sensitivity` refuses
+    (called by it, and by the CLI before any stage runs)."""
     if isinstance(kinds, str):
         raise InputError(f"kinds must be a list of names such as ('tt', 'prune'), but got the "
                          f"string {kinds!r}")
@@ -528,7 +533,7 @@ def sensitivity(
     [('classifier.fc1', 2), ('classifier.fc1', 8)]
     >>> paths = result.save("runs/sensitivity")  # doctest: +SKIP
     """
-    _check_settings(kinds, ranks, ratios, method, samples)
+    check_settings(kinds, ranks, ratios, method, samples)
     kinds = tuple(kinds)
     int8 = int8 or "int8" in kinds
     methods = list(dict.fromkeys(method if k == "tt" else k for k in kinds if k in ("tt", "svd")))
