@@ -308,7 +308,7 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
 
 
 def _options(sens: Any, names: list[str], method: str, costs: _Costs) -> dict[str, list[Option]]:
-    """Each layer's choices: dense (no drop), or a ladder rank with its measured drop."""
+    """Each layer's choices: dense (no drop), or a ladder rank with its measured drop (>= 0)."""
     base = sens.params if costs.by == "params" else sens.macs
     if base is None:
         raise LayerError("decompose_tt: the sensitivity analysis counted no MACs for this "
@@ -321,7 +321,8 @@ def _options(sens: Any, names: list[str], method: str, costs: _Costs) -> dict[st
             whole = cell.params if costs.by == "params" else cell.macs
             cost = dense + whole - base
             if cost < dense:  # a factorisation no smaller than the layer buys nothing
-                rows.append(Option(int(cell.setting), cost, float(cell.drop),
+                # a rank scoring above the unchanged model is sampling noise, not a gain
+                rows.append(Option(int(cell.setting), cost, max(float(cell.drop), 0.0),
                                    float(cell.rel_error or 0.0)))
         options[name] = rows
     return options

@@ -212,7 +212,7 @@ def _budget_options(sens, rows: list[dict], by: str) -> dict[str, list[tuple]]:
             cell = next(c for c in cells if c.setting == row["rank"])
             dense = row[by] - ((cell.params if by == "params" else cell.macs) - base)
         options[row["name"]] = [("dense", dense, 0.0)] + [
-            (c.setting, dense + (c.params if by == "params" else c.macs) - base, c.drop)
+            (c.setting, dense + (c.params if by == "params" else c.macs) - base, max(c.drop, 0))
             for c in cells if (c.params if by == "params" else c.macs) - base < 0]
     return options
 
