@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import re
 import sys
 
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -101,6 +104,8 @@ BAD_SETTINGS = [
     ({"samples": 0}, "samples must be >= 1, but got 0"),
     ({"samples": 12.5}, "samples must be an integer, got 12.5"),
     ({"per_channel": "yes"}, "per_channel must be one of True, False, but got 'yes'."),
+    ({"max_drop": -0.5}, "max_drop must be >= 0, but got -0.5"),
+    ({"max_drop": "0.3"}, "max_drop must be a number, got '0.3'"),
 ]
 
 
@@ -190,7 +195,8 @@ def test_quantizer_warnings_land_in_the_report_not_the_terminal(mlp_fp32, task, 
     assert f"ONNX Runtime's quantizer: {line}" in ctx.warnings
 
 
-def test_automatic_choices_never_read_the_test_split(cnn_fp32, task, monkeypatch):
+@pytest.mark.parametrize("max_drop", [None, 0.0])
+def test_automatic_choices_never_read_the_test_split(cnn_fp32, task, monkeypatch, max_drop):
     reads: list[str] = []
     arrays = data.Task.arrays
 
@@ -200,9 +206,10 @@ def test_automatic_choices_never_read_the_test_split(cnn_fp32, task, monkeypatch
 
     monkeypatch.setattr(data.Task, "arrays", spy)
     ctx = StageContext.standalone("int8", task)
-    quantize_onnx(cnn_fp32, mode="auto", samples=64, ctx=ctx)
+    quantize_onnx(cnn_fp32, mode="auto", samples=64, max_drop=max_drop, ctx=ctx)
     assert "small_convs_ms" in ctx.details  # the int8-or-fp32 timing ran
     assert reads and "test" not in reads, reads
+    assert ("val" in reads) == (max_drop is not None)
 
 
 def test_explain_slow_int8_names_reasons(cnn_fp32, task):
@@ -219,3 +226,124 @@ def test_input_graph_is_not_changed(cnn_fp32, task):
     assert cnn_fp32.path.read_bytes() == before
     x = task.example(3)
     assert cnn_fp32.predict(x).shape == torch.Size([3, 10])
+
+
+# ----------------------------------------------------------------------------------------------
+# max_drop: int8 nodes back to fp32 until validation accuracy is within budget
+
+
+def make_fragile(model: nn.Module, *, layers: tuple[str, ...] = ("fc2",)) -> nn.Module:
+    """An MLP (hidden=(32, 32)) whose ``layers`` int8 destroys while fp32 is unchanged.
+
+    A layer reading an input that is constant (a hidden unit made always 0, or a digits pixel
+    that is always blank) gets weight 1000 on it in every row, its bias compensating: per-channel
+    int8 then has a scale of 1000/127 per row and rounds every other weight to 0.
+    """
+    model = copy.deepcopy(model)
+    fc1, fc2 = model.layers.fc1, model.layers.fc2
+    with torch.no_grad():
+        if "fc1" in layers:  # pixel 0 of the 8x8 digits is blank in every image
+            blank = float(data.digits().arrays("train")[0][0, 0, 0, 0])
+            fc1.weight[:, 0] += 1000.0
+            fc1.bias -= 1000.0 * blank
+        for reader, source in (("fc2", fc1), ("head", fc2)):
+            if reader in layers:  # unit 0 of `source` is always 0 after its ReLU
+                source.weight[0] = 0.0
+                source.bias[0] = -1.0
+                getattr(model.layers, reader).weight[:, 0] = 1000.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def mlp2(task: data.Task) -> nn.Module:
+    return train(models.mlp(hidden=(32, 32)), epochs=6, data=task)
+
+
+def node_reading(graph: OnnxModel, weight: str) -> str:
+    """The name of the node whose second input is the initializer ``weight``."""
+    return next(n.name for n in onnx.load(str(graph.path)).graph.node
+                if len(n.input) > 1 and n.input[1] == weight)
+
+
+def val_top1(model: OnnxModel, task: data.Task) -> float:
+    x, y = task.arrays("val")
+    return int((model.predict(x).argmax(1) == y).sum()) / len(y)
+
+
+def test_max_drop_reverts_the_fragile_node_and_stops_there(mlp2, task):
+    fp32 = export_onnx(make_fragile(mlp2), data=task)
+    fc2 = node_reading(fp32, "layers.fc2.weight")
+    full = quantize_onnx(fp32, mode="static", data=task)
+    assert val_top1(full, task) < val_top1(fp32, task) - 0.5  # int8 destroys fc2
+    ctx = StageContext.standalone("int8", task)
+    int8 = quantize_onnx(fp32, mode="static", max_drop=2.0, ctx=ctx)
+    d = ctx.details
+    assert [r["node"] for r in d["reverted"]] == [fc2]
+    assert d["reverted"][0]["drop"] > 50 and d["node_costs"][0]["node"] == fc2
+    assert all(c["drop"] < 2.0 for c in d["node_costs"][1:])
+    assert d["val_accuracy_fp32"] == pytest.approx(val_top1(fp32, task))
+    assert d["val_accuracy_int8"] == pytest.approx(val_top1(full, task))
+    assert d["val_accuracy"] == pytest.approx(val_top1(int8, task))  # the graph returned
+    assert d["val_accuracy"] >= d["val_accuracy_fp32"] - 0.02
+    assert d["reverted"][0]["accuracy_after"] == d["val_accuracy"]
+    assert d["quantized_nodes"] == {"Gemm": 2} and d["fp32_compute_nodes"] == {"Gemm": 1}
+    assert d["calibration_passes"] == 1
+    node = next(n for n in onnx.load(str(int8.path)).graph.node if n.name == fc2)
+    assert node.input[1] == "layers.fc2.weight"  # fc2 kept its fp32 weight
+    assert set(d["speedup_kept"]) == {"batch_1", "batch_64"}
+    assert set(d["revert_latency_ms"]["batch_64"]) == {"fp32", "int8", "reverted"}
+
+
+def test_max_drop_met_by_full_int8_reverts_nothing(cnn_fp32, task):
+    ctx = StageContext.standalone("int8", task)
+    int8 = quantize_onnx(cnn_fp32, mode="static", max_drop=5.0, ctx=ctx)
+    d = ctx.details
+    assert d["val_accuracy_fp32"] - d["val_accuracy_int8"] <= 0.05  # the premise
+    assert d["reverted"] == [] and d["node_costs"] == []  # no node costed, none reverted
+    assert d["val_accuracy"] == d["val_accuracy_int8"] == pytest.approx(val_top1(int8, task))
+    kept = len(d["kept_fp32"])
+    assert d["quantized_nodes"] == {"Conv": 3 - kept, "Gemm": 2}
+    assert "speedup_kept" not in d
+
+
+def test_max_drop_reverting_every_node_returns_the_fp32_graph_and_says_so(mlp2, task):
+    fp32 = export_onnx(make_fragile(mlp2, layers=("fc1", "fc2", "head")), data=task)
+    ctx = StageContext.standalone("int8", task)
+    result = quantize_onnx(fp32, mode="static", max_drop=1.0, ctx=ctx)
+    d = ctx.details
+    assert len(d["reverted"]) == 3 and all(r["drop"] > 50 for r in d["reverted"])
+    assert d["val_accuracy"] == d["val_accuracy_fp32"]
+    assert quantized_nodes(result) == {"quantized": {}, "fp32": {"Gemm": 3}}
+    x = task.example(16)
+    assert torch.equal(result.predict(x), fp32.predict(x))
+    assert sum("nothing of int8 is left" in w for w in ctx.warnings) == 1
+    assert not any(w.startswith("no node was quantized") for w in ctx.warnings)
+
+
+def test_max_drop_needs_a_validation_split(cnn_fp32, tiny_task, monkeypatch):
+    monkeypatch.setattr("kdcompress.stages.quantize.Int8Graphs",
+                        lambda *a, **k: pytest.fail("quantized before checking the data"))
+    with pytest.raises(StageError, match=r"max_drop=0.3 is judged on the validation split, but "
+                                         r"task 'tiny' has none"):
+        quantize_onnx(cnn_fp32, max_drop=0.3, data=tiny_task)
+
+
+def make_fc2_fragile(model: nn.Module) -> nn.Module:
+    """A pipeline stage: :func:`make_fragile` on ``fc2``."""
+    return make_fragile(model)
+
+
+def test_report_shows_the_reverted_nodes(mlp2, task, fast_measure, tmp_path):
+    fc2 = node_reading(export_onnx(make_fragile(mlp2), data=task), "layers.fc2.weight")
+    pipeline = Pipeline("fragile", data=task)
+    teacher = pipeline.stage(train, out="teacher", model=models.mlp(hidden=(32, 32)), epochs=6)
+    fragile = pipeline.stage(make_fc2_fragile, out="fragile", model=teacher)
+    fp32 = pipeline.stage(export_onnx, out="fp32", model=fragile)
+    pipeline.stage(quantize_onnx, out="int8", model=fp32, mode="static", max_drop=2.0)
+    pipeline.run(out=tmp_path / "run", measure=fast_measure, plot=False)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    details = next(r for r in report["stages"] if r["name"] == "int8")["details"]
+    assert [r["node"] for r in details["reverted"]] == [fc2]
+    assert details["val_accuracy"] >= details["val_accuracy_fp32"] - 0.02
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert f'- reverted: `[{{"node": "{fc2}", "op": "Gemm"' in markdown
