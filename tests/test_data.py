@@ -184,8 +184,11 @@ def test_get_by_name(tmp_path, digits_task):
     write_mnist(tmp_path, n_train=5010, gz=True)
     task = data.get(f"mnist:{tmp_path}")
     assert task.name == "mnist" and len(task.arrays("train")[0]) == 10
-    with pytest.raises(DataError, match="unknown data set 'cifar': use 'digits' or 'mnist:DIR'"):
+    with pytest.raises(DataError, match="unknown data set 'cifar': use 'digits', 'mnist:DIR', "
+                                        "'folder:DIR' or 'npz:FILE'"):
         data.get("cifar")
+    with pytest.raises(DataError, match="'folder' needs a path: folder:DIR"):
+        data.get("folder")
     with pytest.raises(DataError, match="'digits' is bundled with scikit-learn and takes no "
                                         "folder"):
         data.get(f"digits:{tmp_path}")
@@ -319,6 +322,12 @@ def test_from_numpy_is_from_tensors_of_the_arrays(tmp_path):
     scaled = data.from_numpy(tmp_path / "toy.npz", standardize=True)
     x = scaled.arrays("train")[0]
     assert abs(float(x.mean())) < 1e-5 and abs(float(x.std(unbiased=False)) - 1) < 1e-4
+
+
+def test_get_npz(tmp_path):
+    x, y = np.random.default_rng(0).random((6, 2)), np.arange(6) % 2
+    path = _npz(tmp_path / "toy.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    assert data.get(f"npz:{path}").fingerprint == data.from_numpy(path).fingerprint
 
 
 def test_from_numpy_errors_name_the_key(tmp_path):

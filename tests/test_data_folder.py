@@ -114,6 +114,15 @@ def test_calibration_and_head_match_memory(digits_folder):
     assert torch.equal(folder.head("val", 7), memory.head("val", 7))
 
 
+def test_get_reads_a_folder_and_distill_may_cache_its_teacher(digits_folder):
+    from kdcompress.stages.distill import _index_cacheable
+
+    root, *_ = digits_folder
+    task = data.get(f"folder:{root}")
+    assert task.fingerprint == data.from_folder(root).fingerprint
+    assert _index_cacheable(task.train)  # decoded the same way every epoch
+
+
 def test_workers_stream_the_same_batches(digits_folder):
     root, *_ = digits_folder
     serial = data.from_folder(root, mean=MEAN, std=STD)

@@ -235,7 +235,12 @@ def _check_mnist(arrays: dict[str, np.ndarray], paths: dict[str, Path]) -> None:
 
 
 def get(spec: str) -> Task:
-    """Build a built-in task from a command-line spec: ``digits`` or ``mnist[:DIR]``."""
+    """Build a task from a command-line spec: ``digits``, ``mnist[:DIR]``, ``folder:DIR`` (an
+    image folder, :func:`~kdcompress.data.from_folder` with its defaults) or ``npz:FILE``
+    (:func:`~kdcompress.data.from_numpy`)."""
+    from kdcompress.data._folder import from_folder
+    from kdcompress.data._npz import from_numpy
+
     name, _, root = spec.partition(":")
     if name == "digits":
         if root:
@@ -243,6 +248,12 @@ def get(spec: str) -> Task:
         return digits()
     if name == "mnist":
         return mnist(root or None)
-    raise DataError(f"unknown data set '{name}': use 'digits' or 'mnist:DIR'")
+    if name in ("folder", "npz"):
+        if not root:
+            what = "DIR" if name == "folder" else "FILE"
+            raise DataError(f"'{name}' needs a path: {name}:{what}")
+        return from_folder(root) if name == "folder" else from_numpy(root)
+    raise DataError(f"unknown data set '{name}': use 'digits', 'mnist:DIR', 'folder:DIR' or "
+                    "'npz:FILE'")
 
 

@@ -9,7 +9,8 @@ Teacher outputs are computed in eval mode under ``torch.no_grad()``. With ``cach
 they are computed once per training sample and reused in later epochs, keyed by the sample's
 index, so the shuffled order of each epoch does not matter. This is only correct when a sample's
 input is the same in every epoch, which kdcompress can tell for tensor data
-(``from_tensors``, ``digits``, ``mnist``); for other data sets (they may augment at random) the
+(``from_tensors``, ``from_numpy``, ``digits``, ``mnist``) and image folders (``from_folder``),
+and never under ``transforms=``; for other data sets (they may augment at random) the
 cache is refused with a warning, and it is never used with an EMA teacher, which changes every
 step.
 
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from kdcompress.augment import TRANSFORMS, Transforms, compose
 from kdcompress.context import StageContext, resolve_context
-from kdcompress.data import Task
+from kdcompress.data import ImageFolder, Task
 from kdcompress.declare import Choice, Float, Int, check_arguments, spec_of, stage
 from kdcompress.errors import LayerError, LossError, StageError
 from kdcompress.hooks import FeatureCapture
@@ -218,10 +219,11 @@ def _reinitialised(model: nn.Module, ctx: StageContext, *, seed: int) -> nn.Modu
 
 
 def _index_cacheable(dataset: Dataset) -> bool:
-    """Whether a sample's input is fixed (tensor data), so teacher outputs can be cached."""
+    """Whether a sample's input is fixed (tensor data, an image folder), so teacher outputs can
+    be cached."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    return isinstance(dataset, TensorDataset)
+    return isinstance(dataset, (TensorDataset, ImageFolder))
 
 
 class _TeacherCache:
