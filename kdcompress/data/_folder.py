@@ -382,9 +382,10 @@ def _splits(root: Path, scanned: dict[str, dict[str, list[str]]], classes: list[
             fractions: dict[str, float], seed: int) -> dict[str, list[_File]]:
     """The files of each split, drawing the splits without a folder from train's classes."""
     out: dict[str, list[_File]] = {s: [] for s in _SPLITS}
+    label_of = {name: label for label, name in enumerate(classes)}
     for split, found in scanned.items():
         if split != "train":
-            out[split] = [_File(p, classes.index(c)) for c, paths in found.items() for p in paths]
+            out[split] = [_File(p, label_of[c]) for c, paths in found.items() for p in paths]
     rng = np.random.default_rng(seed)
     for label, name in enumerate(classes):
         paths = scanned["train"][name]
