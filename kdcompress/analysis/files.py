@@ -44,7 +44,8 @@ def markdown(result: Sensitivity) -> str:
              f"Baseline validation accuracy {100 * result.baseline:.2f}% on {result.samples} "
              f"samples; {_count(result.params)} parameters, {_count(result.macs)} MACs; "
              f"{len(result.cells)} cells in {result.seconds:.1f} s "
-             f"({how}).",
+             f"({how}"
+             + "".join(f"; {k} {v:.1f} s" for k, v in result.timings.items()) + ").",
              "", "Each cell: accuracy drop in points (+ = worse) / whole-model parameters"
              " / relative weight error (tt, svd).", ""]
     for kind in result.kinds():

@@ -241,9 +241,22 @@ class Recording:
 
     def module_inputs(self, names: Collection[str]) -> dict[str, list[Any]]:
         """The arguments of the (unchanged) modules ``names`` (one of the recorded sets) on the
-        first chunk of inputs; a module not called is left out."""
+        first chunk of inputs; a module not called is left out.
+
+        Runs the first chunk only, and only until the last of those modules has been called.
+        """
+        overrides = {name: self.gm.get_submodule(name) for name in names}
+        region = self._region(list(overrides))
+        calls = [i for i, n in enumerate(region) if n.op == "call_module"
+                 and _owner(str(n.target), overrides) is not None]
+        if not calls:
+            return {}
         captured: dict[str, list[Any]] = {}
-        self.logits({name: self.gm.get_submodule(name) for name in names}, captured)
+        chunk = self.cache[0]
+        env = {n: chunk[n].clone() if isinstance(chunk[n], torch.Tensor) else chunk[n]
+               for n in self._frontier(region)}
+        with torch.no_grad():
+            _Partial(self.gm, overrides, captured).run_nodes(env, region[:calls[-1] + 1])
         return captured
 
 

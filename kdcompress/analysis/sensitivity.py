@@ -123,6 +123,9 @@ class Sensitivity:
         with :attr:`Cell.latency_ms`.
     notes : list of str
         What the analysis had to skip or work around.
+    timings : dict
+        Wall seconds by part: ``"record"`` (tracing and the one pass over the samples), then
+        each kind.
     """
 
     baseline: float
@@ -134,6 +137,7 @@ class Sensitivity:
     incremental: bool = True
     dense_latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def curve(self, layer: str, kind: str) -> list[Cell]:
         """The cells of one layer and kind, sorted by setting."""
@@ -361,6 +365,7 @@ class _Run:
         self.cells: list[Cell] = []
         self.dense: dict[str, dict[str, float]] = {}
         self.dense_macs: dict[tuple[str, str], int | None] = {}
+        self.timings: dict[str, float] = {}
         self.notes: list[str] = []
 
     def accuracy(self, logits: torch.Tensor) -> float:
@@ -477,6 +482,7 @@ def sensitivity(
     ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7), method: str = "tt",
     layers: LayerSpec = None, samples: int = 1000, onnx: OnnxModel | None = None,
     int8: bool = False, progress: Callable[[str, int, int], None] | None = None,
+    incremental: bool = True,
 ) -> Sensitivity:
     """Validation accuracy lost by each layer alone at each setting, without retraining.
 
@@ -507,6 +513,9 @@ def sensitivity(
         Add one int8 cell per quantizable ONNX node.
     progress : callable, optional
         Called as ``progress(kind, done, total)`` after each cell.
+    incremental : bool
+        Evaluate cells from the changed layer onwards (default). ``False`` runs a full forward
+        pass per cell, the brute-force reference (same numbers, slower).
 
     Returns
     -------
@@ -548,10 +557,13 @@ def sensitivity(
     run = None
     if torch_kinds:
         run = _analyse_torch(_torch_model(model, data), x, y, methods, "prune" in kinds, ranks,
-                             ratios, layers, progress)
+                             ratios, layers, progress, trace=incremental)
         cells = run.cells
+    timings = dict(run.timings) if run is not None else {}
     if int8:
+        started = time.perf_counter()
         cells = cells + _int8_cells(model, data, onnx, len(x))
+        timings["int8"] = round(time.perf_counter() - started, 2)
     if run is None:
         from kdcompress.metrics import predict
 
@@ -559,11 +571,13 @@ def sensitivity(
         baseline = float((logits.argmax(1) == y).float().mean())
         params = onnx.num_params
         return Sensitivity(baseline=round(baseline, 6), samples=len(x), params=params, macs=None,
-                           cells=cells, seconds=round(time.perf_counter() - start, 2))
+                           cells=cells, seconds=round(time.perf_counter() - start, 2),
+                           timings=timings)
     return Sensitivity(baseline=round(run.baseline, 6), samples=len(x), params=run.params,
                        macs=run.macs, cells=cells, seconds=round(time.perf_counter() - start, 2),
                        incremental=run.rec.incremental, dense_latency_ms=run.dense,
-                       notes=run.notes + ([] if run.rec.incremental else [
+                       timings=timings,
+                       notes=run.notes + ([] if run.rec.incremental or not incremental else [
                            "torch.fx could not trace the model: every cell ran a full forward "
                            "pass"]))
 
@@ -588,13 +602,20 @@ def _analyse_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: 
     if not names and methods:
         run.notes.append(f"no decomposable layer selected by layers={layers!r}")
     starts = [{n} for n in names] + [set(m) for m in groups.values()]
+    started = time.perf_counter()
     run.rec = record(model, x, starts, trace=trace)
     run.baseline = run.accuracy(run.rec.baseline)
+    run.timings["record"] = round(time.perf_counter() - started, 2)
     total = len(names) * len(set(ranks)) * len(methods) + len(groups) * len(set(ratios))
     counter = [0]
     for method in methods:
+        started = time.perf_counter()
         _decomposition_cells(run, names, ranks, method, layers is None, counter, total)
-    _prune_cells(run, groups, ratios, counter, total)
+        run.timings[method] = round(time.perf_counter() - started, 2)
+    if groups:
+        started = time.perf_counter()
+        _prune_cells(run, groups, ratios, counter, total)
+        run.timings["prune"] = round(time.perf_counter() - started, 2)
     return run
 
 

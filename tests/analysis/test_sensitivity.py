@@ -202,3 +202,18 @@ def test_bad_layer_and_onnx_and_no_validation(trained_cnn, cnn_onnx, digits_task
     if no_val.val is None:
         with pytest.raises(DataError, match="validation split"):
             sensitivity(trained_cnn, no_val, samples=10)
+
+
+def test_full_forward_option_gives_the_same_cells(residual, digits_task):
+    kwargs = {"kinds": ("tt", "prune"), "ranks": (2,), "ratios": (0.5,), "samples": 120,
+              "layers": ["fc1", "conv"]}
+    fast = sensitivity(residual, digits_task, **kwargs)
+    full = sensitivity(residual, digits_task, incremental=False, **kwargs)
+    assert fast.incremental and not full.incremental
+    assert not full.notes  # asked for, not a fallback
+    assert len(fast.cells) == 3  # conv is no prune root: its channels are in stem's group
+
+    def key(c: Cell) -> tuple:
+        return c.layer, c.kind, c.setting, c.accuracy, c.params, c.macs, c.rel_error
+
+    assert [key(c) for c in fast.cells] == [key(c) for c in full.cells]
