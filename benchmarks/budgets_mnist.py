@@ -1,0 +1,173 @@
+"""Per-layer budgets against uniform settings, side by side on the MNIST flagship teacher.
+
+Run by hand (the teacher is trained once and cached; every finished part is kept in
+``--work`` and not run again, so an interrupted run resumes)::
+
+    python benchmarks/budgets_mnist.py --data /work/shared/data/mnist \\
+        --cache /work/runs_bench_cache --work /work/runs_bench_cache/budgets
+
+1. TT at equal total parameters: ``decompose_tt(rank=r)`` (uniform) against
+   ``decompose_tt(budget=<the uniform student's parameter count>)``, validation accuracy straight
+   after decomposition and after the same distillation (``kdcompress.stages.distill``, default
+   loss, ``--distill-epochs``), for each rank of ``--ranks`` and each layer set of ``--layers``
+   (``linear``: the flagship's ``nn.Linear`` layers; ``all``: convolutions too).
+2. Pruning at the same ratio: ``prune(allocation="uniform")`` against
+   ``prune(allocation="sensitivity")`` with the same KD recovery (``--recovery-epochs``).
+
+Prints a markdown table (with the load average) and writes ``--work/budgets.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcompress import data
+from kdcompress.context import StageContext
+from kdcompress.stages import decompose_tt, distill, prune
+from kdcompress.training import accuracy
+
+try:
+    from common import mnist_arguments, trained_cnn
+except ImportError:  # run as benchmarks/budgets_mnist.py from elsewhere
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import mnist_arguments, trained_cnn
+
+LAYER_SETS = {"linear": [nn.Linear], "all": [nn.Linear, nn.Conv2d]}
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _load() -> str:
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def _scores(model: nn.Module, task: data.Task) -> dict[str, float]:
+    return {"val": round(100 * accuracy(model, task, "val"), 2),
+            "test": round(100 * accuracy(model, task, "test"), 2), "params": _params(model)}
+
+
+class Results:
+    """The JSON file of finished parts: a part found there is not computed again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def part(self, key: str, compute) -> Any:
+        if key not in self.data:
+            start = time.perf_counter()
+            value = compute()
+            value["seconds"] = round(time.perf_counter() - start, 1)
+            value["load"] = _load()
+            self.data[key] = value
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            tmp.replace(self.path)
+            print(f"  {key}: {json.dumps({k: v for k, v in value.items() if k != 'plan'})}",
+                  flush=True)
+        return self.data[key]
+
+
+def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
+            distill_epochs: int) -> dict[str, Any]:
+    chosen = LAYER_SETS[layers]
+    uniform = decompose_tt(teacher, rank=rank, layers=chosen)
+    ctx = StageContext.standalone("budget", task)
+    budgeted = decompose_tt(teacher, budget=_params(uniform), layers=chosen, ctx=ctx)
+    row: dict[str, Any] = {"uniform": _scores(uniform, task), "budget": _scores(budgeted, task),
+                           "plan": {"budget": ctx.details["budget"],
+                                    "layers": [{k: r.get(k) for k in ("name", "rank",
+                                                                      "predicted_drop",
+                                                                      "params")}
+                                               for r in ctx.details["layers"]]}}
+    if distill_epochs:
+        for name, student in (("uniform", uniform), ("budget", budgeted)):
+            torch.manual_seed(0)
+            tuned = distill(student, teacher, epochs=distill_epochs, data=task)
+            row[f"{name}_kd"] = _scores(tuned, task)
+    return row
+
+
+def prune_part(teacher: nn.Module, task: data.Task, ratio: float, recovery: int
+               ) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for allocation in ("uniform", "sensitivity"):
+        ctx = StageContext.standalone("pruned", task)
+        blunt = prune(teacher, ratio=ratio, allocation=allocation, recovery_epochs=0, ctx=ctx)
+        row[allocation] = _scores(blunt, task)
+        if allocation == "sensitivity":
+            plan = ctx.details["allocation"]
+            row["plan"] = {k: v for k, v in plan.items() if k != "groups"}
+            row["plan"]["groups"] = [{k: g[k] for k in ("root", "ratio", "predicted_drop",
+                                                        "uniform_removed", "removed")}
+                                     for g in plan["groups"]]
+        if recovery:
+            torch.manual_seed(0)
+            repaired = prune(teacher, ratio=ratio, allocation=allocation,
+                             recovery_epochs=recovery, data=task)
+            row[f"{allocation}_kd"] = _scores(repaired, task)
+    return row
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| comparison | params | val straight | val after KD | test after KD | seconds "
+             "| load (1/5/15 min) |", "|---|---:|---:|---:|---:|---:|---|"]
+    for key, row in results.items():
+        pairs = (("uniform", "budget") if key.startswith("tt") else ("uniform", "sensitivity"))
+        for name in pairs:
+            kd = row.get(f"{name}_kd", {})
+            lines.append(f"| {key} {name} | {row[name]['params']} | {row[name]['val']:.2f} | "
+                         f"{kd.get('val', float('nan')):.2f} | {kd.get('test', float('nan')):.2f} "
+                         f"| {row['seconds']} | {row['load']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mnist_arguments(parser, epochs=20, train_limit=20000, width=64)
+    parser.add_argument("--work", type=Path, default=Path("runs/budgets_mnist"))
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--layers", nargs="+", choices=sorted(LAYER_SETS), default=["linear"])
+    parser.add_argument("--distill-epochs", type=int, default=2)
+    parser.add_argument("--prune-ratios", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--recovery-epochs", type=int, default=2)
+    parser.add_argument("--digits", action="store_true",
+                        help="check the script on scikit-learn's digits instead of MNIST")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if args.digits:
+        task = data.digits()
+    else:
+        task = data.limit_train(data.mnist(args.data), args.train_limit)
+    teacher = trained_cnn(task, args.width, args.epochs, args.cache).eval()
+    print(f"teacher: {_params(teacher)} params, val {100 * accuracy(teacher, task, 'val'):.2f}",
+          flush=True)
+    results = Results(args.work / f"budgets-{task.fingerprint[:12]}.json")
+    for layers in args.layers:
+        for rank in args.ranks:
+            results.part(f"tt r{rank} {layers}", lambda r=rank, lay=layers: tt_part(
+                teacher, task, r, lay, args.distill_epochs))
+    for ratio in args.prune_ratios:
+        results.part(f"prune {ratio}", lambda r=ratio: prune_part(
+            teacher, task, r, args.recovery_epochs))
+    print(table(results.data))
+    for key, row in results.data.items():
+        print(f"\n{key}: {json.dumps(row.get('plan'))}")
+
+
+if __name__ == "__main__":
+    main()
