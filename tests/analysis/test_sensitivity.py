@@ -217,3 +217,18 @@ def test_full_forward_option_gives_the_same_cells(residual, digits_task):
         return c.layer, c.kind, c.setting, c.accuracy, c.params, c.macs, c.rel_error
 
     assert [key(c) for c in fast.cells] == [key(c) for c in full.cells]
+
+
+def test_int8_cells_of_an_onnx_graph(cnn_onnx, digits_task, tmp_path):
+    from kdcompress.analysis import int8_sensitivity
+    from kdcompress.metrics import predict
+
+    result = sensitivity(cnn_onnx, digits_task, kinds=("int8",), samples=100)
+    direct = int8_sensitivity(cnn_onnx, digits_task, samples=100)
+    assert result.kinds() == ["int8"] and len(result.cells) == len(direct) > 0
+    assert [(c.layer, c.accuracy) for c in result.cells] == [(c.layer, c.accuracy)
+                                                             for c in direct]
+    x, y = digits_task.arrays("val")
+    expected = float((predict(cnn_onnx, x[:100]).argmax(1) == y[:100]).float().mean())
+    assert result.baseline == pytest.approx(expected, abs=1e-6)
+    assert "## int8" in result.save(tmp_path, plot=False)["md"].read_text()
