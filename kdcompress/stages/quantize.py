@@ -251,6 +251,19 @@ class _Calibration(CalibrationDataReader):
         return next(self._batches, None)
 
 
+def _gemm_to_matmul(path: Path) -> None:
+    """Rewrite Gemm nodes as MatMul + Add, as ``quantize_dynamic`` does first (ONNX Runtime's own
+    ``ONNXModel.replace_gemm_with_matmul``), so that node names are those the quantizer sees."""
+    import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    proto = onnx.load(str(path))
+    if any(node.op_type == "Gemm" for node in proto.graph.node):
+        model = ONNXModel(proto)
+        model.replace_gemm_with_matmul()
+        onnx.save(model.model, str(path))
+
+
 def _calibration_cache_supported() -> bool:
     """Whether ``quantize_static`` can save and reload its activation ranges (newer releases)."""
     from onnxruntime.quantization import quantize_static
@@ -311,6 +324,8 @@ class Int8Graphs:
         self._cache = Path(self._scratch.name) / "calibration.json"
         self._use_cache = mode == "static" and _calibration_cache_supported()
         _preprocess(model.path, self.source, warn or log.warning, self.qlog)
+        if mode == "dynamic":
+            _gemm_to_matmul(self.source)
 
     def __enter__(self) -> Int8Graphs:
         return self
@@ -343,6 +358,11 @@ class Int8Graphs:
         if only is not None and not only:
             raise StageError("Int8Graphs.build: only=[] would quantize nothing; pass None to "
                              "quantize every node")
+        names = {name for name, _ in self.nodes()}
+        unknown = sorted((set(exclude) | set(only or ())) - names)
+        if unknown:
+            raise StageError(f"Int8Graphs.build: {unknown} are not {self.mode}-quantizable nodes "
+                             f"of the graph (those are {sorted(names)})")
         try:
             with self.qlog.capture():
                 if self.mode == "static":
@@ -353,9 +373,7 @@ class Int8Graphs:
             raise StageError(f"quantize_onnx: {self.mode} quantization failed: "
                              f"{type(exc).__name__}: {exc}") from exc
         if exclude or only is not None:
-            names = {name for name, _ in self.nodes()}
-            fp32 = set(exclude) if only is None else names - set(only) | set(exclude)
-            keep_fp32(target, fp32 & names)
+            keep_fp32(target, set(exclude) if only is None else (names - set(only)) | set(exclude))
         return OnnxModel(target)
 
     def _static(self, target: Path, exclude: list[str], only: list[str] | None) -> None:

@@ -146,3 +146,9 @@ def test_bad_input_is_named(fragile, task, tiny_task, trained_cnn):
         int8_sensitivity(fragile, task, samples=0)
     with pytest.raises(StageError, match="export it with kdcompress.stages.export_onnx first"):
         int8_sensitivity(trained_cnn, task)  # type: ignore[arg-type]
+
+
+def test_building_with_an_unknown_node_is_an_error(fragile, task, tmp_path):
+    with Int8Graphs(fragile, inputs=task.calibration(64)) as graphs, \
+            pytest.raises(StageError, match=r"\['nope'\] are not static-quantizable nodes"):
+        graphs.build(tmp_path / "x.onnx", exclude=["nope"])

@@ -294,6 +294,18 @@ def test_max_drop_reverts_the_fragile_node_and_stops_there(mlp2, task):
     assert set(d["revert_latency_ms"]["batch_64"]) == {"fp32", "int8", "reverted"}
 
 
+def test_max_drop_in_dynamic_mode_reverts_the_fragile_node(mlp2, task):
+    fp32 = export_onnx(make_fragile(mlp2), data=task)
+    fc2 = node_reading(fp32, "layers.fc2.weight")
+    ctx = StageContext.standalone("int8", task)
+    quantize_onnx(fp32, mode="dynamic", max_drop=2.0, ctx=ctx)
+    d = ctx.details
+    # quantize_dynamic turns each Gemm into MatMul + Add first, naming the MatMul after the Gemm
+    assert [r["node"] for r in d["reverted"]] == [f"{fc2}_MatMul"]
+    assert d["val_accuracy"] >= d["val_accuracy_fp32"] - 0.02 > d["val_accuracy_int8"]
+    assert d["quantized_nodes"] == {"MatMulInteger": 2} and d["fp32_compute_nodes"] == {"MatMul": 1}
+
+
 def test_max_drop_met_by_full_int8_reverts_nothing(cnn_fp32, task):
     ctx = StageContext.standalone("int8", task)
     int8 = quantize_onnx(cnn_fp32, mode="static", max_drop=5.0, ctx=ctx)
