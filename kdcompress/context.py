@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kdcompress.data import Task
+from kdcompress.scoring import Metric
 
 __all__ = ["StageContext", "ProgressFn", "EpochFn"]
 
@@ -57,6 +58,10 @@ class StageContext:
         Draws the progress bar (:meth:`report_epoch` calls it).
     on_epoch : callable, optional
         Receives each epoch's validation metrics (:meth:`epoch_end` calls it).
+    metric : Metric
+        The pipeline's metric (``Pipeline(metric=...)``): score with
+        ``kdcompress.scoring.score(ctx.metric, logits, labels)``. A stage whose choices depend on
+        it declares a ``metric`` parameter instead, so that its fingerprint includes it.
     """
 
     name: str
@@ -68,6 +73,7 @@ class StageContext:
     warnings: list[str] = field(default_factory=list)
     progress: ProgressFn | None = None
     on_epoch: EpochFn | None = None
+    metric: Metric = field(default_factory=lambda: Metric.resolve("accuracy"))
 
     @classmethod
     def standalone(cls, name: str, data: Task, *, device: str | torch.device = "cpu",

@@ -21,6 +21,7 @@ from torch import nn
 
 from kdcompress.artifacts import RECIPE_FILE, WEIGHTS_FILE, OnnxModel, num_params
 from kdcompress.data import Task
+from kdcompress.scoring import Metric, MetricLike
 from kdcompress.training import predict_logits
 
 __all__ = ["MeasureConfig", "measure", "latency", "latency_against", "predict", "predict_split",
@@ -218,7 +219,8 @@ def _torch_size(folder: Path | None, model: nn.Module) -> int:
 
 def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig | None = None,
             folder: Path | None = None, reference: torch.Tensor | None = None,
-            baseline: nn.Module | OnnxModel | None = None, test: bool = True) -> dict[str, Any]:
+            baseline: nn.Module | OnnxModel | None = None, test: bool = True,
+            metric: MetricLike = "accuracy") -> dict[str, Any]:
     """Measure one artifact: params, size on disk, MACs, latency, accuracy, agreement.
 
     Parameters
@@ -239,25 +241,32 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
         Read the test split. ``False`` (while a search chooses) leaves ``accuracy`` and
         ``agreement`` ``None`` and times the validation inputs (the training inputs when the task
         has no validation split), so no test image or label is read.
+    metric : str or callable or Metric
+        The pipeline's metric (:mod:`kdcompress.scoring`), scored as ``val_score`` and ``score``
+        beside the top-1 ``val_accuracy`` and ``accuracy``.
 
     Returns
     -------
     dict
         ``params``, ``size_bytes``, ``macs``, ``latency_ms``, ``engine``, ``accuracy``,
-        ``val_accuracy``, ``agreement`` (and ``faster_by``, ``timing`` with a baseline,
+        ``val_accuracy``, ``score``, ``val_score``, ``agreement`` (and ``faster_by``,
+        ``timing`` with a baseline,
         ``latency_ms_cuda`` when CUDA is measured).
     """
     config = config or MeasureConfig()
     onnx = isinstance(model, OnnxModel)
-    val_accuracy = None
+    metric = Metric.resolve(metric)
+    val_accuracy = val_score = None
     if task.val is not None:
         logits, yv = predict_split(model, task, "val")
         val_accuracy = round(float((logits.argmax(1) == yv).float().mean()), 6)
-    accuracy = agreement = None
+        val_score = round(metric(logits, yv), 6)
+    accuracy = agreement = score = None
     if test:
         logits, y = predict_split(model, task, "test")
         preds = logits.argmax(1)
         accuracy = round(float((preds == y).float().mean()), 6)
+        score = round(metric(logits, y), 6)
         if reference is not None:
             agreement = round(float((preds == reference).float().mean()), 6)
     # the timed inputs: the first samples of the split (as many as the largest batch timed)
@@ -269,6 +278,8 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
         "engine": "onnxruntime" if onnx else "torch",
         "accuracy": accuracy,
         "val_accuracy": val_accuracy,
+        "score": score,
+        "val_score": val_score,
         "agreement": agreement,
     }
     if baseline is None:

@@ -18,6 +18,7 @@ from kdcompress.data import Task
 from kdcompress.metrics import MeasureConfig, measure, predict_split
 from kdcompress.progress import Progress, StageFinished
 from kdcompress.report import Report, StageRow
+from kdcompress.scoring import Metric, MetricLike
 
 __all__ = ["Measurer", "ReportFiles"]
 
@@ -42,10 +43,14 @@ class Measurer(Progress):
         :func:`~kdcompress.metrics.measure`).
     only : collection of str, optional
         Measure these stages and the baseline only; the others get no row.
+    metric : str or callable or Metric
+        The pipeline's metric, scored beside top-1 accuracy (``score`` / ``val_score``).
     """
 
     def __init__(self, task: Task, config: MeasureConfig, order: list[str], *,
-                 read_test: bool = True, only: Collection[str] | None = None) -> None:
+                 read_test: bool = True, only: Collection[str] | None = None,
+                 metric: MetricLike = "accuracy") -> None:
+        self.metric = Metric.resolve(metric)
         self.task = task
         self.config = config
         self.order = order
@@ -61,7 +66,8 @@ class Measurer(Progress):
             return
         metrics = measure(event.artifact, self.task, config=self.config, folder=event.folder,
                           reference=None if is_baseline else self.baseline_predictions,
-                          baseline=None if is_baseline else self.baseline, test=self.read_test)
+                          baseline=None if is_baseline else self.baseline, test=self.read_test,
+                          metric=self.metric)
         meta = event.meta
         event.row = StageRow(
             name=event.name, function=event.function, inputs=list(event.inputs),

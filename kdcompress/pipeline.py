@@ -37,6 +37,7 @@ from kdcompress.data import Task
 from kdcompress.declare import check_arguments
 from kdcompress.errors import PipelineError, did_you_mean
 from kdcompress.fingerprint import fingerprint_constant
+from kdcompress.scoring import Metric, MetricLike
 from kdcompress.search.space import Choice, Param, param_paths, substitute
 
 if typing.TYPE_CHECKING:
@@ -50,7 +51,7 @@ if typing.TYPE_CHECKING:
 __all__ = ["Pipeline", "Handle", "Stage"]
 
 #: Parameters the scheduler fills in itself; a pipeline file never passes them.
-INJECTED = ("data", "ctx")
+INJECTED = ("data", "ctx", "metric")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -129,10 +130,16 @@ class Pipeline:
         Seeds every stage, so a run repeats exactly.
     baseline : str, optional
         The stage the others are compared with (ratios, agreement); the first stage by default.
+    metric : {"accuracy", "top5", "macro_f1"} or callable
+        What the report shows by name and every automatic choice uses (the per-epoch
+        validation metric of training, the search's constraint, budgets): top-1 accuracy by
+        default, top-5 accuracy, macro-averaged F1 (torchmetrics), or ``fn(logits, labels) ->
+        float`` in [0, 1], higher is better, checked on a tiny input here. A stage function
+        with a ``metric`` parameter receives it, and its cache fingerprint includes it.
     """
 
     def __init__(self, name: str, *, data: Task | None = None, seed: int = 0,
-                 baseline: str | None = None) -> None:
+                 baseline: str | None = None, metric: MetricLike = "accuracy") -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise PipelineError(f"pipeline name {name!r} must be a word of letters, digits, '_' "
                                 "or '-' (it names the run folder)")
@@ -143,6 +150,8 @@ class Pipeline:
         self.name = name
         self.data = data
         self.seed = seed
+        #: The metric of every automatic choice and of the report (a ``scoring.Metric``).
+        self.metric = Metric.resolve(metric, None if data is None else data.num_classes)
         _seed_globals(seed)
         self.baseline = baseline
         self.stages: dict[str, Stage] = {}
@@ -181,7 +190,8 @@ class Pipeline:
         for key in INJECTED:
             if key in kwargs and key in signature.parameters:
                 raise PipelineError(f"{label}: '{key}' is supplied by the pipeline; remove "
-                                    f"{key}=... (set the data with Pipeline(data=...))")
+                                    f"{key}=... (set the data with Pipeline(data=...), the "
+                                    "metric with Pipeline(metric=...))")
         try:
             signature.bind_partial(**kwargs)
         except TypeError as exc:

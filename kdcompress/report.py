@@ -58,7 +58,10 @@ class StageRow:
     milliseconds; ``smaller_by`` and ``faster_by`` are ratios to the baseline (the latter timed
     interleaved with it); ``val_accuracy`` is on the validation split (what automatic choices
     use), ``accuracy`` on the test split (reported only; ``None`` while a search must leave the
-    test split unread, as is ``agreement``).
+    test split unread, as is ``agreement``); both are top-1 accuracy whatever the metric.
+    ``val_score`` and ``score`` are the pipeline's metric (``Report.metric``: ``"accuracy"``,
+    ``"top5"``, ``"macro_f1"`` or a callable's name) on the same splits, which automatic choices
+    use; equal to the accuracies when the metric is ``"accuracy"``.
     """
 
     name: str
@@ -83,6 +86,14 @@ class StageRow:
     warnings: list[str] = field(default_factory=list)
     timing: dict[str, Any] = field(default_factory=dict)
     latency_ms_cuda: dict[str, dict[str, float]] | None = None
+    score: float | None = None
+    val_score: float | None = None
+
+    def __post_init__(self) -> None:
+        # a row without scores (a report written before metrics had names, or built by hand)
+        # was scored by top-1 accuracy
+        if self.score is None and self.val_score is None:
+            self.score, self.val_score = self.accuracy, self.val_accuracy
 
     def to_dict(self) -> dict[str, Any]:
         """The row as ``report.json`` stores it (``latency_ms_cuda`` only when measured)."""
@@ -118,6 +129,8 @@ class Report:
     edges: list[list[str]] = field(default_factory=list)
     stages: list[StageRow] = field(default_factory=list)
     failed: dict[str, Any] | None = None
+    #: The name of the pipeline's metric (the rows' ``score`` / ``val_score``).
+    metric: str = "accuracy"
 
     def row(self, name: str) -> StageRow | None:
         """The row of stage ``name``, if it ran."""
@@ -137,7 +150,7 @@ class Report:
                 row.faster_by = {k: _ratio(blat[k]["p50"], v["p50"])
                                  for k, v in row.latency_ms.items() if k in blat}
         parent = self.row(row.inputs[0]) if row.inputs else None
-        row.flags = _flags(row, parent)
+        row.flags = _flags(row, parent, self.metric)
         rows = [r for r in self.stages if r.name != row.name] + [row]
         if order is not None:
             rank = {name: i for i, name in enumerate(order)}
@@ -180,7 +193,10 @@ class Report:
         lines.append("")
         lines.append("Latency in ms, median / p90. *smaller* and *faster* are ratios to the "
                      "baseline (faster at batch 1 / batch 64, timed interleaved with it). "
-                     "*val* is validation accuracy, *accuracy* test accuracy.")
+                     + ("*val* is validation accuracy, *accuracy* test accuracy."
+                        if self.metric == "accuracy" else
+                        f"*val {self.metric}* and *{self.metric}* are the pipeline's metric on "
+                        "the validation and test splits, *accuracy* test top-1 accuracy."))
         for r in self.stages:
             notes = [f"- {f}" for f in r.flags] + [f"- warning: {w}" for w in r.warnings]
             if notes or r.details:
@@ -207,7 +223,7 @@ _KNOBS = {
 }
 
 
-def _flags(row: StageRow, parent: StageRow | None) -> list[str]:
+def _flags(row: StageRow, parent: StageRow | None, metric: str = "accuracy") -> list[str]:
     flags = list(row.timing.get("flags", []))
     if parent is None:
         return flags
@@ -228,12 +244,12 @@ def _flags(row: StageRow, parent: StageRow | None) -> list[str]:
         reason = row.details.get("slow_reason", "")
         flags.append(f"int8 is not faster than its fp32 parent at the largest batch "
                      f"({speedup:.2f}x)" + (f": {reason}" if reason else ""))
-    mine, theirs, split = row.val_accuracy, parent.val_accuracy, "validation"
+    mine, theirs, split = row.val_score, parent.val_score, "validation"
     if mine is None or theirs is None:
-        mine, theirs, split = row.accuracy, parent.accuracy, "test"
+        mine, theirs, split = row.score, parent.score, "test"
     drop = None if mine is None or theirs is None else 100 * (theirs - mine)
     if drop is not None and drop > ACCURACY_DROP_POINTS:
-        flags.append(f"{split} accuracy fell {drop:.1f} points below '{parent.name}' "
+        flags.append(f"{split} {metric} fell {drop:.1f} points below '{parent.name}' "
                      f"({100 * mine:.2f}% vs {100 * theirs:.2f}%): "
                      f"{_KNOBS.get(row.role, _KNOBS['transform'])}")
     return flags
@@ -241,9 +257,11 @@ def _flags(row: StageRow, parent: StageRow | None) -> list[str]:
 
 def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the per-stage table (shared by markdown and terminal)."""
+    named = report.metric != "accuracy"  # columns named after the metric, then top-1 accuracy
+    scores = [f"val {report.metric}", report.metric, "accuracy"] if named else ["val", "accuracy"]
     header = ["stage", "function", "format", "params", "size", "MACs", "b1 ms p50/p90",
-              "b64 ms p50/p90", "engine", "val", "accuracy", "agreement", "smaller",
-              "faster b1/b64", "time s", "cached"]
+              "b64 ms p50/p90", "engine", *scores, "agreement", "smaller", "faster b1/b64",
+              "time s", "cached"]
     rows = []
     for r in report.stages:
         def ms(key: str, lat: dict = r.latency_ms) -> str:
@@ -255,7 +273,9 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
         rows.append([
             r.name, r.function.rsplit(".", 1)[-1], r.format, _count(r.params),
             format_bytes(r.size_bytes), _count(r.macs), ms("batch_1"), ms("batch_64"),
-            r.engine, _percent(r.val_accuracy), _percent(r.accuracy), _percent(r.agreement),
+            r.engine, *([_percent(r.val_score), _percent(r.score), _percent(r.accuracy)]
+                        if named else [_percent(r.val_accuracy), _percent(r.accuracy)]),
+            _percent(r.agreement),
             f"{r.smaller_by:.1f}x" if r.smaller_by else "-", faster,
             f"{r.seconds:.1f}", "yes" if r.cached else "no",
         ])
@@ -297,12 +317,12 @@ def plot(report: Report, path: Path) -> None:
 
     rows = {r.name: r for r in report.stages}
     base = rows.get(report.baseline or "") or next(iter(rows.values()))
-    # test accuracy; validation accuracy for a run that left the test split unread
-    test = all(r.accuracy is not None for r in rows.values())
+    # the metric on the test split; on validation for a run that left the test split unread
+    test = all(r.score is not None for r in rows.values())
     split = "test" if test else "validation"
 
     def score(r: StageRow) -> float:
-        value = r.accuracy if test else r.val_accuracy
+        value = r.score if test else r.val_score
         return math.nan if value is None else value
 
     def change(r: StageRow) -> float:
@@ -332,7 +352,7 @@ def plot(report: Report, path: Path) -> None:
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+.1f}"))
         ax.axhline(0.0, color="0.5", lw=0.8)
         ax.set_xlabel(label)
-        ax.set_ylabel(f"{split} accuracy vs {base.name} (points)")
+        ax.set_ylabel(f"{split} {report.metric} vs {base.name} (points)")
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,

@@ -47,6 +47,7 @@ from kdcompress.errors import (
     did_you_mean,
 )
 from kdcompress.fingerprint import stage_fingerprint
+from kdcompress.fingerprint_store import FingerprintStore, is_fingerprint_layout
 from kdcompress.metrics import MeasureConfig
 from kdcompress.models import ModelSpec
 from kdcompress.observers import Measurer, ReportFiles
@@ -54,7 +55,6 @@ from kdcompress.options import RunOptions
 from kdcompress.pipeline import Pipeline, Stage
 from kdcompress.progress import NullProgress, Progress, StageFinished
 from kdcompress.report import Report
-from kdcompress.fingerprint_store import FingerprintStore, is_fingerprint_layout
 from kdcompress.store import Entry, RunStore
 
 __all__ = ["Runner", "run"]
@@ -116,11 +116,12 @@ class Runner:
         self.report = Report(pipeline=pipeline.name, device=str(self.device),
                              world_size=distributed.world_size(), data=self.task.name,
                              threads=config.threads, baseline=pipeline.baseline_name(),
-                             edges=[list(e) for e in pipeline.graph().edges])
+                             edges=[list(e) for e in pipeline.graph().edges],
+                             metric=pipeline.metric.name)
         self.progress = (progress or NullProgress()) if self.main else NullProgress()
         self.observers: list[Progress] = [
             Measurer(self.task, config, self.order, read_test=options.read_test,
-                     only=options.measure_only),
+                     only=options.measure_only, metric=pipeline.metric),
             ReportFiles(Path(options.report_dir or self.store.run_dir), plot=options.plot),
             self.progress,
         ] if self.main else [NullProgress()]
@@ -144,7 +145,10 @@ class Runner:
         """The content hash that decides whether ``stage`` can come from the store."""
         inputs = {k: [self.fingerprints[h.name] for h in v] if isinstance(v, list)
                   else self.fingerprints[v.name] for k, v in stage.inputs.items()}
-        return stage_fingerprint(stage.fn, stage.constants, inputs,
+        constants = stage.constants
+        if "metric" in inspect.signature(stage.fn).parameters:  # the stage's choices use it
+            constants = {**constants, "metric": self.pipeline.metric}
+        return stage_fingerprint(stage.fn, constants, inputs,
                                  data=(self.task.name, self.task.fingerprint),
                                  seed=self.pipeline.seed, label=f"stage '{stage.name}'")
 
@@ -332,13 +336,16 @@ class Runner:
                                seed=self.pipeline.seed, workdir=tmp,
                                progress=self.progress.epoch_callback(stage.name),
                                on_epoch=lambda epoch, metrics, name=stage.name: self._emit(
-                                   "epoch_end", name, epoch, metrics))
+                                   "epoch_end", name, epoch, metrics),
+                               metric=self.pipeline.metric)
             kwargs = self._resolve(stage)
             params = inspect.signature(stage.fn).parameters
             if "data" in params:
                 kwargs["data"] = self.task
             if "ctx" in params:
                 kwargs["ctx"] = ctx
+            if "metric" in params:
+                kwargs["metric"] = self.pipeline.metric
             seed_everything(self.pipeline.seed)
             started = time.perf_counter()
             result = stage.fn(**kwargs)

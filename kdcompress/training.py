@@ -123,10 +123,13 @@ class EpochStats:
     loss: float
     val_accuracy: float
     parts: dict[str, float] = field(default_factory=dict)
+    #: The pipeline's metric (``ctx.metric``) on the same split; top-1 accuracy by default.
+    val_score: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        """``{"epoch", "loss", "val_accuracy"}`` for a report (JSON)."""
-        return {"epoch": self.epoch, "loss": self.loss, "val_accuracy": self.val_accuracy}
+        """``{"epoch", "loss", "val_accuracy", "val_score"}`` for a report (JSON)."""
+        return {"epoch": self.epoch, "loss": self.loss, "val_accuracy": self.val_accuracy,
+                "val_score": self.val_score}
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,8 @@ def fit(
         ``on_step(step)`` after each optimiser step, ``step`` counting from 1 (an EMA update).
     on_epoch : callable, optional
         ``on_epoch(epoch, metrics)`` after each epoch, ``epoch`` counting from 1 and ``metrics``
-        holding ``"loss"``, the loss parts and ``"val_accuracy"`` (on ``data.eval_split``), as
+        holding ``"loss"``, the loss parts, ``"val_accuracy"`` (top-1, on ``data.eval_split``)
+        and ``"val_score"`` (the pipeline's metric, ``ctx.metric``, on the same split), as
         ``ctx.epoch_end`` receives them. Return ``True`` to stop training after this epoch
         (``FitResult.stopped_early``, the model is kept); an exception it raises (a search's
         ``optuna.TrialPruned``) propagates out of ``fit`` unchanged and abandons the run.
@@ -243,12 +247,18 @@ def fit(
     stopped = False
     for epoch in range(1, config.epochs + 1):
         means = loop.epoch(epoch)
-        acc = accuracy(model, data, split, device=ctx.device)
-        history.append(EpochStats(epoch, means.pop("loss"), acc, means))
+        logits, labels = predict_split(model, data, split, device=ctx.device)
+        acc = float((logits.argmax(1) == labels).float().mean())
+        val_score = ctx.metric(logits, labels)  # the pipeline's metric (top-1 by default)
+        history.append(EpochStats(epoch, means.pop("loss"), acc, means, val_score))
         metrics = {"loss": history[-1].loss, **means}
         info = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        ctx.report_epoch(description, epoch, config.epochs, f"{info} {split}_acc {acc:.4f}")
-        if _end_epoch(ctx, on_epoch, epoch, {**metrics, "val_accuracy": acc}, parallel) \
+        named = "" if ctx.metric.name == "accuracy" else \
+            f" {split}_{ctx.metric.name} {val_score:.4f}"
+        ctx.report_epoch(description, epoch, config.epochs,
+                         f"{info} {split}_acc {acc:.4f}{named}")
+        if _end_epoch(ctx, on_epoch, epoch,
+                      {**metrics, "val_accuracy": acc, "val_score": val_score}, parallel) \
                 and epoch < config.epochs:
             stopped = True
             break

@@ -43,8 +43,9 @@ def test_measure_returns_the_row_schema(tiny_task, fast_measure, tmp_path):
     preds = predict(model, x).argmax(1)
     row = measure(model, tiny_task, config=fast_measure, folder=tmp_path, reference=preds)
     assert set(row) == {"params", "size_bytes", "macs", "latency_ms", "engine", "accuracy",
-                        "val_accuracy", "agreement"}
-    assert row["val_accuracy"] is None  # tiny has no validation split
+                        "val_accuracy", "agreement", "score", "val_score"}
+    assert row["val_accuracy"] is None and row["val_score"] is None  # tiny has no validation
+    assert row["score"] == row["accuracy"]  # the default metric is top-1 accuracy
     assert row["params"] == sum(p.numel() for p in model.parameters())
     assert row["size_bytes"] == sum(f.stat().st_size for f in tmp_path.iterdir())
     assert row["macs"] == count_macs(model, x[:1]) and row["macs"] > 0

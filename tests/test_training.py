@@ -57,8 +57,9 @@ def test_fit_learns_and_reports_validation_accuracy_every_epoch(task):
                  on_epoch=lambda epoch, metrics: seen.append((epoch, metrics)))
     assert result.model is model and not model.training
     assert [e for e, _ in seen] == [1, 2, 3]
-    assert all(set(m) == {"loss", "val_accuracy"} for _, m in seen)
+    assert all(set(m) == {"loss", "val_accuracy", "val_score"} for _, m in seen)
     assert [m["val_accuracy"] for _, m in seen] == [h.val_accuracy for h in result.history]
+    assert [m["val_score"] for _, m in seen] == [m["val_accuracy"] for _, m in seen]  # top-1
     assert [m for _, m in seen] == [m for _, m in observed]  # the run's observers see the same
     assert result.split == "val" and result.val_accuracy > 0.9
     assert result.history[-1].loss < result.history[0].loss
