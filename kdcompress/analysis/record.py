@@ -152,7 +152,7 @@ class Recording:
         frontier: set[fx.Node] = set()
         for names in starts:
             frontier |= self._frontier(self._region(names))
-        frontier.add(self._output.args[0]) if isinstance(self._output.args[0], fx.Node) else None
+        frontier |= set(self._output.all_input_nodes)  # the unchanged outputs: the baseline
         self._frontier_nodes = frontier
         self.cache: list[dict[fx.Node, Any]] = []
         logits = []

@@ -57,7 +57,7 @@ KINDS = ("tt", "svd", "prune", "int8")
 TORCH_KINDS = ("tt", "svd", "prune")
 #: Latency of a changed layer: at this batch size, single-threaded.
 LATENCY_BATCH = 64
-_TIMING = MeasureConfig(threads=1, warmup=2, repeats=5, min_seconds=0.0)
+_TIMING = MeasureConfig(threads=1, warmup=1, repeats=3, min_seconds=0.0)
 
 
 @dataclass(frozen=True)
@@ -288,15 +288,16 @@ def prune_groups(model: nn.Module, example: torch.Tensor) -> dict[str, list[str]
     return dict(sorted(groups.items(), key=lambda item: order.get(item[0], len(order))))
 
 
-def prune_group(model: nn.Module, example: torch.Tensor, root: str, ratio: float
-                ) -> nn.Module:
+def prune_group(model: nn.Module, example: torch.Tensor, root: str, ratio: float, *,
+                head: str | None = None) -> nn.Module:
     """A copy of ``model`` with ``ratio`` of the channels of ``root``'s group removed.
 
     The same criterion and channel count as ``prune(model, ratio=ratio)`` applies to that group
-    (L2 magnitude importance, local ranking); every other group is left as it is.
+    (L2 magnitude importance, local ranking); every other group is left as it is. ``head``,
+    the output layer's name (never pruned), is found with a forward pass when not given.
     """
     work = copy.deepcopy(model).eval()
-    head = _leaf_order(work, example)[-1]
+    head = head or _leaf_order(work, example)[-1]
     pruner = _meta_pruner(work, example, {work.get_submodule(root): float(ratio)}, head)
     pruner.step()
     return work.eval()
@@ -438,13 +439,14 @@ def _decomposition_cells(run: _Run, names: list[str], ranks: Sequence[int], meth
 def _prune_cells(run: _Run, groups: dict[str, list[str]], ratios: Sequence[float],
                  counter: list[int], total: int) -> None:
     example = run.x[:2]
+    head = _leaf_order(copy.deepcopy(run.model), example)[-1]
     for root, members in groups.items():
         run.dense_latency("prune", root, members)
         for ratio in sorted(set(ratios)):
             counter[0] += 1
             if run.progress:
                 run.progress("prune", counter[0], total)
-            pruned = prune_group(run.model, example, root, ratio)
+            pruned = prune_group(run.model, example, root, ratio, head=head)
             changed = _changed_modules(run.model, pruned)
             overrides = {n: pruned.get_submodule(n) for n in members}
             captured: dict[str, list[Any]] = {}
