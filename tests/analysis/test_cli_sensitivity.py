@@ -68,6 +68,15 @@ def test_sensitivity_prunes_a_tt_student(run_dir):
     assert not (folder / "sensitivity.png").exists()
 
 
+@pytest.mark.slow  # exports and quantizes node by node: seconds
+def test_int8_cells_of_an_onnx_stage(run_dir):
+    code = main(["sensitivity", PIPELINE, "--stage", "fp32", "--out", str(run_dir),
+                 "--samples", "50", "--kinds", "int8", "--no-plot"])
+    assert code == 0
+    result = json.loads((run_dir / "analysis" / "fp32" / "sensitivity.json").read_text())
+    assert result["cells"] and {c["kind"] for c in result["cells"]} == {"int8"}
+
+
 @pytest.mark.parametrize(("args", "match"), [
     (["--stage", "studnet"], "'studnet' is not a stage.*Did you mean 'student'"),
     (["--stage", "fp32"], "stage 'fp32' produces an ONNX graph.*teacher, student"),
