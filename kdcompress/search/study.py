@@ -55,6 +55,7 @@ from kdcompress.errors import (
     UsageError,
     did_you_mean,
 )
+from kdcompress.fingerprint import fingerprint_constant
 from kdcompress.options import RunOptions
 from kdcompress.pipeline import Pipeline
 from kdcompress.report import Report
@@ -266,6 +267,9 @@ class Search:
                "objectives": list(self.config.objectives), "max_drop": self.config.max_drop,
                "target": self.target, "baseline": self.baseline,
                "space": {n: p.describe() for n, p in self.params.items()}}
+        metric = getattr(self.pipeline, "metric", None)
+        if metric is not None and metric.name != "accuracy":  # accuracy: as studies made before
+            doc["metric"] = fingerprint_constant(metric)
         return json.loads(json.dumps(doc))
 
     @property
@@ -482,7 +486,8 @@ class Search:
         others = [r[key][str(epoch)] for r in references if str(epoch) in r.get(key, {})]
         if len(others) < PRUNE_AFTER or value >= min(others):
             return None
-        return (f"'{stage}' epoch {epoch}: validation accuracy {100 * value:.2f}% is below every "
+        metric = getattr(getattr(self.pipeline, "metric", None), "name", "accuracy")
+        return (f"'{stage}' epoch {epoch}: validation {metric} {100 * value:.2f}% is below every "
                 f"one of {len(others)} trials within the budget at that epoch (lowest "
                 f"{100 * min(others):.2f}%)")
 
@@ -566,13 +571,16 @@ class Search:
         import optuna
 
         row, base = report.row(self.target), report.row(self.baseline)
-        if row is None or base is None or row.val_accuracy is None or base.val_accuracy is None:
+        # the constraint is on the pipeline's metric (report.metric; top-1 accuracy by default),
+        # kept under the attribute names of the accuracy-only studies
+        if row is None or base is None or row.val_score is None or base.val_score is None:
             return self._end(trial, observer, started, optuna.trial.TrialState.FAIL,
                              f"'{self.target}' or '{self.baseline}' was not measured")
-        drop = round(100 * (base.val_accuracy - row.val_accuracy), 6)
+        drop = round(100 * (base.val_score - row.val_score), 6)
         objectives = _objectives(row, self.config.objectives)
-        for key, value in (("val_accuracy", row.val_accuracy),
-                           ("baseline_val_accuracy", base.val_accuracy), ("drop", drop),
+        for key, value in (("val_accuracy", row.val_score),
+                           ("baseline_val_accuracy", base.val_score), ("drop", drop),
+                           ("metric", report.metric),
                            ("objectives", objectives),
                            ("baseline_objectives", _objectives(base, self.config.objectives))):
             trial.set_user_attr(key, value)

@@ -72,7 +72,7 @@ class TrialObserver(Progress):
         return update
 
     def epoch_end(self, name: str, epoch: int, metrics: dict[str, float]) -> None:
-        value = metrics.get("val_accuracy")
+        value = metrics.get("val_score", metrics.get("val_accuracy"))  # the pipeline's metric
         if value is None or self.trial is None:
             return  # no validation accuracy to judge by (or measuring the front)
         # curves are compared between runs of one stage with the same settings (epochs,
