@@ -315,7 +315,8 @@ def attention_transfer_loss(student_feature: Tensor, teacher_feature: Tensor, p:
       computed, each spatial axis to the smaller of the two sizes. This is the convention of the
       widely used KD code bases: RepDistiller's ``distiller_zoo/AT.py`` (Tian et al., CRD,
       ICLR 2020) pools the larger of ``f_s``, ``f_t`` with ``F.adaptive_avg_pool2d`` to the other's
-      height, and the code bases built on it (e.g. mdistiller) do the same.
+      height, and mdistiller's ``distillers/AT.py`` does the same (torchdistill's ``ATLoss``
+      expects maps of one size).
     - ``"interpolate"``: the smaller **attention map** is interpolated (bilinear for 2-D maps,
       ``align_corners=False``) to the larger size, after the channel mean.
 
