@@ -21,6 +21,22 @@ What the pruners do, always exactly (the layer computes the same function on the
 * :class:`TTLinear`, outputs: protected (listed in ``ignored_layers``): a TT layer's outputs are
   not independent rows. Shrink it with :func:`round_ranks` instead.
 
+Two more settings make torch-pruning treat TT layers as the Conv/Linear layers they replace:
+
+* ``root_module_types`` lists the TT classes beside torch-pruning's defaults. torch-pruning only
+  starts a group at a root type, so without it a :class:`TTConv2d`'s output channels are never
+  pruned, and an attention whose output projection is a :class:`TTLinear` loses no head (the
+  head group is rooted at the projection's inputs).
+* inside :func:`dense_trace`, a :class:`TTLinear` applied to tokens (a 3-D input) is counted as
+  an ``nn.Linear`` applied to tokens. torch-pruning (1.6) turns off its reshape bookkeeping
+  (``DependencyGraph._2d_4d``) only when it sees an ``nn.Linear`` on 3-D inputs; in a transformer
+  whose every Linear is a TT layer it would leave it on, read the class-token concatenation as a
+  channel concatenation, infer 0 channels and fail with ``ZeroDivisionError``.
+
+An attention module whose q, k or v projection is a TT layer keeps all its heads: torch-pruning
+couples q, k and v (through the two attention products) into one group, and a group holding a
+protected output is left whole.
+
 Examples
 --------
 >>> import torch_pruning as tp
@@ -35,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -46,7 +63,8 @@ from torch import nn
 from kdcompress.errors import LayerError
 from kdcompress.layers.tt import TT_LAYERS, RankArg, TTConv2d, TTLinear, set_module
 
-__all__ = ["TTLinearPruner", "TTConv2dPruner", "tt_pruner_kwargs", "dense_trace", "round_ranks"]
+__all__ = ["TTLinearPruner", "TTConv2dPruner", "tt_pruner_kwargs", "dense_trace", "round_ranks",
+           "root_module_types"]
 
 
 class TTLinearPruner(tp.pruner.BasePruningFunc):
@@ -126,16 +144,25 @@ class TTConv2dPruner(tp.pruner.BasePruningFunc):
         return layer.in_channels
 
 
+def root_module_types() -> list[type]:
+    """torch-pruning's default group roots (Conv, Linear, LSTM) plus the TT layer classes."""
+    default = inspect.signature(tp.pruner.MetaPruner).parameters["root_module_types"].default
+    return [*default, *TT_LAYERS]
+
+
 def tt_pruner_kwargs(model: nn.Module) -> dict[str, Any]:
     """Keyword arguments that make ``tp.pruner.MetaPruner`` handle the TT layers of ``model``.
 
-    Returns ``{"customized_pruners": {...}, "ignored_layers": [...]}``; merge them with your own
-    (concatenate ``ignored_layers``, update ``customized_pruners``), and build the pruner inside
+    Returns ``{"customized_pruners": {...}, "ignored_layers": [...], "root_module_types":
+    [...]}``: the TT pruners, the :class:`TTLinear` layers (outputs protected), and
+    torch-pruning's group roots plus the TT classes. Merge them with your own (concatenate
+    ``ignored_layers``, update ``customized_pruners``), and build the pruner inside
     :func:`dense_trace`.
     """
     return {
         "customized_pruners": {TTLinear: TTLinearPruner(), TTConv2d: TTConv2dPruner()},
         "ignored_layers": [m for m in model.modules() if isinstance(m, TTLinear)],
+        "root_module_types": root_module_types(),
     }
 
 
@@ -144,16 +171,54 @@ def dense_trace(model: nn.Module) -> Iterator[nn.Module]:
     """Run every TT layer of ``model`` as one dense op (detached weight) inside the block.
 
     Use it around the construction of a torch-pruning pruner (its dependency trace), not for
-    training: the materialised weight carries no gradient to the cores.
+    training: the materialised weight carries no gradient to the cores. While it is active, a
+    dependency graph built by torch-pruning counts a :class:`TTLinear` on tokens (3-D input) as
+    an ``nn.Linear`` on tokens (see the module docstring).
     """
     layers = [m for m in model.modules() if isinstance(m, TT_LAYERS)]
     for layer in layers:
         layer._dense_trace = True
     try:
-        yield model
+        with _tt_linear_on_tokens(model):
+            yield model
     finally:
         for layer in layers:
             layer._dense_trace = False
+
+
+@contextlib.contextmanager
+def _tt_linear_on_tokens(model: nn.Module) -> Iterator[None]:
+    """Make torch-pruning's tracing count a TTLinear with a 3-D output as an nn.Linear with one.
+
+    ``DependencyGraph._trace`` sets ``_2d_4d = False`` when an ``nn.Linear`` returns a 3-D
+    tensor (its sign of a transformer, where reshapes are not flattened channels). The TT layers
+    record their output ranks by a forward hook and the flag is cleared the same way after the
+    trace. Nothing is changed when the installed torch-pruning has no such flag.
+    """
+    graph_cls = tp.dependency.DependencyGraph
+    original = graph_cls.__dict__.get("_trace")
+    linears = [m for m in model.modules() if isinstance(m, TTLinear)]
+    if original is None or not linears:
+        yield
+        return
+    ranks: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: ranks.append(out.dim()))
+             for m in linears]
+
+    def _trace(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ranks.clear()
+        module2node = original(self, *args, **kwargs)
+        if 3 in ranks and hasattr(self, "_2d_4d"):
+            self._2d_4d = False
+        return module2node
+
+    graph_cls._trace = _trace
+    try:
+        yield
+    finally:
+        graph_cls._trace = original
+        for h in hooks:
+            h.remove()
 
 
 def round_ranks(model: nn.Module, *, rank: RankArg = None, tol: float | None = None

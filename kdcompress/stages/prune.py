@@ -232,12 +232,12 @@ def _importance(name: str) -> Any:
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
-    """Output channels (features) of every Conv and Linear layer, by qualified name."""
+    """Output channels (features) of every Conv, Linear and TT layer, by qualified name."""
     counts = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, (nn.modules.conv._ConvNd, TTConv2d)):
             counts[name] = module.out_channels
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, TTLinear)):
             counts[name] = module.out_features
     return counts
 
@@ -296,7 +296,14 @@ def _tt_support(model: nn.Module) -> Iterator[dict[str, Any]]:
     from kdcompress.layers.tt_prune import dense_trace, tt_pruner_kwargs
 
     with dense_trace(model):
-        yield dict(tt_pruner_kwargs(model))
+        try:
+            yield dict(tt_pruner_kwargs(model))
+        except ZeroDivisionError as err:  # torch-pruning's shape inference, on a version we
+            tt = [n for n, m in model.named_modules() if _is_tt(m)]  # have not adapted to
+            raise StageError(
+                f"prune: torch-pruning could not trace {type(model).__name__} with its TT layers "
+                f"{tt} (it inferred 0 channels at a reshape); prune before decompose_tt, or "
+                "decompose fewer layers (decompose_tt(layers=[...]))") from err
 
 
 # ----------------------------------------------------------------------------------------------

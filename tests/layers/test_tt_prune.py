@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from kdcompress.errors import LayerError
+from kdcompress import models
+from kdcompress.errors import LayerError, StageError
+from kdcompress.layers import tt_prune
 from kdcompress.layers.tt import TTConv2d, TTLinear
 from kdcompress.layers.tt_prune import (
     TTConv2dPruner,
@@ -18,6 +21,8 @@ from kdcompress.layers.tt_prune import (
     round_ranks,
     tt_pruner_kwargs,
 )
+from kdcompress.recipes import SelfAttention
+from kdcompress.stages import decompose_tt, prune
 
 
 class SmallCNN(nn.Module):
@@ -128,3 +133,105 @@ def test_prune_recognises_tt_layers_by_type_not_by_name() -> None:
     assert _is_tt(layer) and _is_tt(subclassed)
     assert _is_tt(TTConv2d.from_conv(nn.Conv2d(4, 4, 3), rank=2))
     assert not _is_tt(TTLookalike(4, 4)) and not _is_tt(nn.Linear(4, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# through the prune stage: TT convolutions as group roots, transformers whose Linears are TT
+
+
+class ConvTTConv(nn.Module):
+    """conv -> TT conv -> BN -> ReLU -> conv -> mean: only the TT conv's outputs can be pruned
+    once the first conv and the output conv are ignored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.tt = TTConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), rank=4)
+        self.bn = nn.BatchNorm2d(16)
+        self.out = nn.Conv2d(16, 10, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.bn(self.tt(torch.relu(self.conv(x)))))).mean(dim=(2, 3))
+
+
+def _kept_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:
+    """Indices of the rows of ``before`` that ``after`` keeps, in order."""
+    return [int((before == row).all(dim=1).nonzero()[0]) for row in after.flatten(1)]
+
+
+def test_ttconv_output_channels_are_pruned_exactly(digits_task) -> None:
+    torch.manual_seed(0)
+    model = ConvTTConv().eval()
+    with torch.no_grad():  # BatchNorm statistics of a trained model, not the identity
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.1, 2.0)  # distinct magnitudes: a definite ranking
+    pruned = prune(model, ratio=0.5, recovery_epochs=0, ignored_layers=["conv"],
+                   data=digits_task)
+    assert (pruned.tt.out_channels, pruned.bn.num_features, pruned.out.in_channels) == (8, 8, 8)
+    assert pruned.tt.in_channels == 8 and torch.equal(pruned.tt.core1, model.tt.core1)
+    kept = _kept_rows(model.tt.core3.flatten(1), pruned.tt.core3)
+    gone = sorted(set(range(16)) - set(kept))
+    assert gone == sorted(model.bn.weight.abs().argsort()[:8].tolist())  # the least important
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # a removed channel reads 0 after BN and ReLU: the same function
+        reference.bn.weight[gone] = 0
+        reference.bn.bias[gone] = 0
+    x = digits_task.example(16)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_ttconv_is_a_group_root_for_torch_pruning() -> None:
+    roots = tt_pruner_kwargs(nn.Sequential(nn.Linear(4, 4)))["root_module_types"]
+    assert TTConv2d in roots and TTLinear in roots and nn.modules.conv._ConvNd in roots
+
+
+def _vit(depth: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return models.transformer(dim=32, depth=depth, heads=4).build((1, 8, 8), 10).eval()
+
+
+def test_a_vit_with_every_linear_tt_prunes_and_keeps_its_function(digits_task) -> None:
+    # torch-pruning 1.6 read the class-token concatenation as a channel concatenation when no
+    # nn.Linear saw tokens, inferred 0 channels at the patch embedding's flatten and divided by 0
+    student = decompose_tt(_vit(), rank=4, layers=[nn.Linear])
+    assert all(isinstance(m, TTLinear) for m in student.blocks[0].attn.children())
+    pruned = prune(student, ratio=0.5, recovery_epochs=0, data=digits_task)
+    assert pruned.blocks[0].attn.num_heads == 4  # TT outputs are protected: nothing to remove
+    x = digits_task.example(8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), student(x), atol=1e-6, rtol=1e-6)
+
+
+def test_heads_go_whole_through_a_tt_output_projection(digits_task) -> None:
+    vit = _vit(depth=2)
+    layers = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.proj", "mlp.fc2")]
+    student = decompose_tt(vit, rank=4, layers=layers)  # TT proj/fc2: the residual stream stays
+    pruned = prune(student, ratio=0.5, recovery_epochs=0, data=digits_task,
+                   ignored_layers=["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"])  # heads only
+    reference = copy.deepcopy(student)
+    for i in range(2):
+        before, after = student.blocks[i].attn, pruned.blocks[i].attn
+        assert isinstance(after, SelfAttention) and isinstance(after.proj, TTLinear)
+        assert (after.num_heads, after.proj.in_features) == (2, 16)
+        kept = _kept_rows(before.v.weight, after.v.weight)
+        assert kept == _kept_rows(before.q.weight, after.q.weight)
+        heads = sorted({k // 8 for k in kept})
+        assert kept == [h * 8 + j for h in heads for j in range(8)]  # whole heads, in order
+        with torch.no_grad():  # a removed head's values are 0: it adds nothing through proj
+            for h in set(range(4)) - set(heads):
+                reference.blocks[i].attn.v.weight[h * 8:(h + 1) * 8] = 0
+                reference.blocks[i].attn.v.bias[h * 8:(h + 1) * 8] = 0
+    x = digits_task.example(16)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_trace_torch_pruning_cannot_read_is_a_stage_error(digits_task, monkeypatch) -> None:
+    monkeypatch.setattr(tt_prune, "_tt_linear_on_tokens", lambda model: contextlib.nullcontext())
+    student = decompose_tt(_vit(), rank=4, layers=[nn.Linear])
+    with pytest.raises(StageError, match=r"could not trace ViT with its TT layers "
+                                         r"\[.*'blocks.0.attn.q'.*\] .*0 channels.*; prune before "
+                                         r"decompose_tt"):
+        prune(student, ratio=0.5, recovery_epochs=0, data=digits_task)
