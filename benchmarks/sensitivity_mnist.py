@@ -1,7 +1,8 @@
 """Per-layer sensitivity of the MNIST flagship teacher: every layer and setting, timed.
 
 The teacher is ``models.cnn(width=64)`` trained 20 epochs on the first 20,000 MNIST training
-images (benchmarks/common.py's cached ``trained_cnn``). Every Conv2d and Linear layer gets a TT
+images (benchmarks/common.py's cached ``trained_cnn``, or ``--teacher DIR``: the flagship run's
+``stages/teacher/<fingerprint>`` folder). Every Conv2d and Linear layer gets a TT
 cell per rank, every torch-pruning group a prune cell per ratio, every quantizable ONNX node an
 int8 cell; all on the first 1000 validation images. Prints the wall time (with the load average)
 and writes sensitivity.json / .md / .png.
@@ -31,6 +32,7 @@ from common import mnist_arguments, trained_cnn  # noqa: E402
 from kdcompress import data  # noqa: E402
 from kdcompress.analysis import sensitivity  # noqa: E402
 from kdcompress.analysis.files import markdown  # noqa: E402
+from kdcompress.artifacts import load_module  # noqa: E402
 
 
 def _task(args: argparse.Namespace) -> data.Task:
@@ -51,10 +53,14 @@ def main() -> None:
     parser.add_argument("--full", action="store_true",
                         help="also time the brute force: a full forward pass per cell")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/sensitivity_mnist"))
+    parser.add_argument("--teacher", type=Path, metavar="DIR",
+                        help="a saved teacher (a run folder's stages/teacher/...) instead of "
+                        "the cached trained_cnn")
     args = parser.parse_args()
 
     task = _task(args)
-    teacher = trained_cnn(task, args.width, args.epochs, args.cache)
+    teacher = (load_module(args.teacher) if args.teacher
+               else trained_cnn(task, args.width, args.epochs, args.cache))
     int8 = not args.no_int8 and importlib.util.find_spec("kdcompress.analysis.int8") is not None
     kwargs = {"kinds": ("tt", "prune"), "ranks": args.ranks, "ratios": args.ratios,
               "layers": [nn.Conv2d, nn.Linear], "samples": args.samples, "int8": int8}
@@ -65,7 +71,7 @@ def main() -> None:
     paths = result.save(args.out)
     print(markdown(result))
     counts = {k: sum(c.kind == k for c in result.cells) for k in result.kinds()}
-    print(f"{task.name} teacher cnn(width={args.width}): {len(result.cells)} cells {counts} on "
+    print(f"{task.name} teacher {type(teacher).__name__}: {len(result.cells)} cells {counts} on "
           f"{result.samples} validation samples in {seconds:.1f} s wall "
           f"({'incremental' if result.incremental else 'full forward passes'}); load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
