@@ -3,6 +3,7 @@
     python benchmarks/quantize_budget.py --data /work/shared/data/mnist \\
         --cache /work/runs_bench_cache
     python benchmarks/quantize_budget.py --data DIR --train-limit 2000 --epochs 1 --width 16
+    python benchmarks/quantize_budget.py --data DIR --teacher RUN/stages/teacher/FINGERPRINT
 
 The fp32 parent is ``models.cnn(width=64)`` trained 20 epochs on the first 20,000 training images
 (the cached teacher of the other MNIST benchmarks with ``--cache``), exported with
@@ -30,7 +31,7 @@ import torch
 from common import mnist_arguments, ort_runner, side_by_side, trained_cnn
 
 from kdcompress import data
-from kdcompress.artifacts import OnnxModel
+from kdcompress.artifacts import OnnxModel, load_module
 from kdcompress.context import StageContext
 from kdcompress.stages.export import export_onnx
 from kdcompress.stages.quantize import cpu_int8_features, quantize_onnx
@@ -57,12 +58,16 @@ def main() -> None:
     mnist_arguments(parser, epochs=20, train_limit=20000, width=64)
     parser.add_argument("--max-drop", type=float, nargs="+", default=[0.3, 0.0],
                         help="budgets in validation accuracy points")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="a saved torch artifact folder to use as the fp32 parent instead "
+                             "(e.g. a run's stages/teacher/<fingerprint>)")
     args = parser.parse_args()
 
     torch.set_num_threads(2)
     task = data.limit_train(data.mnist(args.data), args.train_limit)
     start = time.perf_counter()
-    model = trained_cnn(task, args.width, args.epochs, args.cache)
+    model = load_module(args.teacher) if args.teacher else \
+        trained_cnn(task, args.width, args.epochs, args.cache)
     train_s = time.perf_counter() - start
     root = Path(tempfile.mkdtemp(prefix="bench-budget-"))
     ctx = StageContext.standalone("fp32", task)
@@ -81,8 +86,9 @@ def main() -> None:
     print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, int8 "
           f"instructions: {', '.join(cpu_int8_features()) or 'none'}; onnxruntime "
           f"{ort.__version__}, torch {torch.__version__}")
-    print(f"fp32 parent: models.cnn(width={args.width}), {args.epochs} epochs on "
-          f"{len(task.train)} MNIST images (loaded or trained in {train_s:.0f} s)\n")
+    source = args.teacher or f"models.cnn(width={args.width}), {args.epochs} epochs"
+    print(f"fp32 parent: {source}, on {len(task.train)} MNIST images (loaded or trained in "
+          f"{train_s:.0f} s)\n")
 
     val = {k: top1(g, task, "val") for k, g in graphs.items()}
     test = {k: top1(g, task, "test") for k, g in graphs.items()}
