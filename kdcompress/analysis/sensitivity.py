@@ -210,8 +210,8 @@ def check_settings(kinds: Sequence[str], ranks: Sequence[int], ratios: Sequence[
 def _validation(data: Task, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     if data.val is None:
         raise DataError(f"sensitivity scores cells on the validation split, but task "
-                        f"'{data.name}' has none: build it with a validation split "
-                        "(data.from_tensors(..., val_fraction=...) or from_datasets(val=...))")
+                        f"'{data.name}' has none: give it one (data.from_tensors(..., x_val=..., "
+                        "y_val=...) or data.from_datasets(..., val=...))")
     x, y = data.arrays("val")
     if samples > len(x):
         log.info("samples=%d but the validation split holds %d: using all of them", samples,

@@ -199,9 +199,9 @@ def test_bad_layer_and_onnx_and_no_validation(trained_cnn, cnn_onnx, digits_task
         sensitivity(cnn_onnx, digits_task, samples=10)
     x, y = digits_task.arrays("train")
     no_val = data.from_tensors(x, y, x[:10], y[:10], name="noval")
-    if no_val.val is None:
-        with pytest.raises(DataError, match="validation split"):
-            sensitivity(trained_cnn, no_val, samples=10)
+    assert no_val.val is None
+    with pytest.raises(DataError, match="validation split.*x_val"):
+        sensitivity(trained_cnn, no_val, samples=10)
 
 
 def test_full_forward_option_gives_the_same_cells(residual, digits_task):
