@@ -214,7 +214,9 @@ def select_layers(model: nn.Module, layers: LayerSpec = None, min_params: int = 
     """The qualified names of the layers :func:`tensorize` decomposes for this ``layers``.
 
     ``None``: every ``nn.Linear`` with at least ``min_params`` weights (:func:`tensorize` then
-    also skips those whose factorisation at the given rank would not be smaller).
+    also skips those whose factorisation at the given rank would not be smaller). A layer type
+    (``nn.Conv2d``) selects the layers of that type that can be decomposed: grouped and depthwise
+    convolutions are left out (naming one is an error).
 
     Raises
     ------
@@ -240,7 +242,8 @@ def _select(model: nn.Module, layers: LayerSpec, min_params: int) -> list[str]:
     for item in items:
         if isinstance(item, type):
             chosen += [n for n, m in candidates.items()
-                       if isinstance(m, item) and m.weight.numel() >= min_params]
+                       if isinstance(m, item) and m.weight.numel() >= min_params
+                       and getattr(m, "groups", 1) == 1]
         elif item in candidates:
             chosen.append(item)
         elif item in named:
