@@ -72,6 +72,10 @@ def load_pipeline(path: str | Path):  # -> Pipeline
     return pipeline
 
 
+DATA_HELP = ("replace the pipeline's data: digits, mnist:DIR (IDX files), folder:DIR (image "
+             "folders) or npz:FILE")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdcompress", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n\n", 1)[1])
@@ -89,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", metavar="STAGE",
                      help="re-run only this stage (its inputs must be cached)")
     run.add_argument("--data", metavar="NAME[:DIR]",
-                     help="replace the pipeline's data: digits, or mnist:DIR (IDX files)")
+                     help=DATA_HELP)
     run.add_argument("--train-limit", type=int, metavar="N",
                      help="train on the first N training samples only (quick runs on MNIST)")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default 1)")
@@ -139,7 +143,7 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--study-name", metavar="NAME", help="default: the pipeline's name")
     search.add_argument("--device", default="cpu", help="cpu or cuda (training device)")
     search.add_argument("--data", metavar="NAME[:DIR]",
-                        help="replace the pipeline's data: digits, or mnist:DIR (IDX files)")
+                        help=DATA_HELP)
     search.add_argument("--train-limit", type=int, metavar="N",
                         help="train on the first N training samples only")
     search.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
@@ -155,7 +159,7 @@ def _sensitivity_parser(sub: argparse._SubParsersAction) -> None:
     sens.add_argument("--out", help="run folder (as for `run`); results go to "
                       "RUN/analysis/<stage>/")
     sens.add_argument("--data", metavar="NAME[:DIR]",
-                      help="replace the pipeline's data: digits, or mnist:DIR (IDX files)")
+                      help=DATA_HELP)
     sens.add_argument("--train-limit", type=int, metavar="N",
                       help="train on the first N training samples only")
     sens.add_argument("--samples", type=int, default=1000, metavar="N",
