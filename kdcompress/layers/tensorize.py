@@ -371,8 +371,12 @@ def tensorize(model: nn.Module, *, layers: LayerSpec = None, rank: RankSpec = No
     names = _per_layer_names(model, layers, rank) if per_layer else _select(model, layers,
                                                                             min_params)
     if not names:
+        grouped = [n for n, m in model.named_modules()
+                   if isinstance(m, nn.Conv2d) and m.groups != 1]
+        hint = (f"; grouped or depthwise convolutions ({', '.join(grouped[:4])}) cannot be "
+                "decomposed and are left out of a selection by type" if grouped else "")
         raise LayerError(f"tensorize: no layer to decompose (layers={layers!r}, "
-                         f"min_params={min_params})")
+                         f"min_params={min_params}){hint}")
     ranks: dict[str, RankArg] = dict(rank) if per_layer else {n: rank for n in names}
     if ratio is not None:
         ranks = _search_ranks(model, names, method, ratio)

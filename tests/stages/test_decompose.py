@@ -116,6 +116,8 @@ def test_errors_name_layer_and_fix(net: Net) -> None:
         tensorize(net, method="cp")
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(LayerError, match="groups=2"):
+        decompose_tt(grouped, layers=["0"])
+    with pytest.raises(LayerError, match=r"grouped or depthwise convolutions \(0\)"):
         decompose_tt(grouped, layers=[nn.Conv2d])
 
 
