@@ -31,13 +31,6 @@ def test_relation_losses_at_batch_256(name):
         assert r.ok, r
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(R.LOSSES))
-def test_full_sweep(name):
-    bad = [r for r in R.sweep([name]) if not r.ok]
-    assert not bad, bad
-
-
 def test_sweep_rejects_an_unknown_loss():
     with pytest.raises(LossError, match="no loss named 'KDD'"):
         R.check("KDD", torch.float32, 1.0, 2)
