@@ -10,7 +10,7 @@ What a trial is:
 - optuna's sampler (multi-objective TPE, or NSGA-II) picks a value for every search parameter;
   :meth:`Pipeline.concrete` turns them into a plain pipeline, which the normal runner runs into
   the search's run folder. The folder keeps one version per stage fingerprint
-  (:class:`~kdcompress.search.store.FingerprintStore`), so a stage whose inputs and constants a
+  (:class:`~kdcompress.fingerprint_store.FingerprintStore`), so a stage whose inputs and constants a
   previous trial already had is loaded, not run: the teacher trains once.
 - The objectives (``size``: bytes on disk, ``latency``: median ms at the largest batch timed) are
   those of the target stage (the pipeline's final stage unless ``target=``); the constraint is
