@@ -105,7 +105,8 @@ class TTLinearPruner(tp.pruner.BasePruningFunc):
         position = torch.cumsum(keep.long(), 0) - 1  # old feature -> new feature
         position[~keep] = new_n_in
         position[n_in] = new_n_in
-        layer.input_index = position[index.cpu()].to(layer.core0.device)
+        # int32: the gather index is an initializer of the exported graph, half the bytes of int64
+        layer.input_index = position[index.cpu().long()].to(torch.int32).to(layer.core0.device)
         layer.in_features = new_n_in
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:

@@ -124,6 +124,7 @@ def export_onnx(
     if simplify:
         proto, how = _simplify(proto, raw, ctx)
         ctx.record("simplified_with", how)
+    ctx.record("gather_indices_narrowed", _narrow_gather_indices(proto))
     ctx.record("nodes_after", onnx_node_count(proto))
     ctx.record("op_counts", _op_counts(proto))
 
@@ -233,6 +234,39 @@ def _simplify(proto: Any, raw: Path, ctx: StageContext) -> tuple[Any, str]:
         ctx.warn(f"onnxslim failed ({type(exc).__name__}: {exc}); using ONNX Runtime's "
                  "offline optimisation instead")
     return _ort_optimize(raw), "onnxruntime"
+
+
+def _narrow_gather_indices(proto: Any) -> int:
+    """Store constant int64 Gather indices as int32 (lossless, half the bytes); returns how many.
+
+    The exporter writes every index as int64; a pruned TT layer's input gather holds one index
+    per padded input feature, the largest initializer of a small int8 model. Only initializers
+    read by nothing but Gather nodes' indices, and whose values fit, are narrowed.
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    graph = proto.graph
+    readers: dict[str, set[tuple[str, int]]] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            readers.setdefault(name, set()).add((node.op_type, slot))
+    narrowed = 0
+    for k, init in enumerate(graph.initializer):
+        if init.data_type != TensorProto.INT64 or readers.get(init.name) != {("Gather", 1)}:
+            continue
+        values = numpy_helper.to_array(init)
+        info = np.iinfo(np.int32)
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            continue
+        graph.initializer[k].CopyFrom(numpy_helper.from_array(values.astype(np.int32), init.name))
+        narrowed += 1
+    if narrowed:  # value_info may still declare the int64 type
+        names = {init.name for init in graph.initializer}
+        for info_proto in graph.value_info:
+            if info_proto.name in names:
+                info_proto.type.tensor_type.elem_type = TensorProto.INT32
+    return narrowed
 
 
 def _ort_optimize(raw: Path) -> Any:

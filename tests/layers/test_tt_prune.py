@@ -235,3 +235,32 @@ def test_a_trace_torch_pruning_cannot_read_is_a_stage_error(digits_task, monkeyp
                                          r"\[.*'blocks.0.attn.q'.*\] .*0 channels.*; prune before "
                                          r"decompose_tt"):
         prune(student, ratio=0.5, recovery_epochs=0, data=digits_task)
+
+
+def test_pruned_ttlinear_gather_exports_int32(tmp_path) -> None:
+    """The gather left by input pruning is an int32 initializer of the ONNX graph (half the
+    bytes of int64) and ONNX Runtime computes the same outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from kdcompress.stages.export import _export, _narrow_gather_indices
+
+    torch.manual_seed(0)
+    tt = TTLinear.from_linear(nn.Linear(250, 30), in_modes=(16, 4, 4), out_modes=(2, 3, 5))
+    TTLinearPruner().prune_in_channels(tt, [0, 5, 77, 200])
+    assert tt.input_index.dtype == torch.int32
+    x = torch.randn(3, 246)
+    path = tmp_path / "tt.onnx"
+    _export(tt.eval(), x, path, None)
+    proto = onnx.load(path)
+    assert _narrow_gather_indices(proto) == 1
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+    indices = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
+               if t.data_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
+               and numpy_helper.to_array(t).size == 256]
+    assert indices and all(a.dtype == "int32" for a in indices)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), tt(x).detach(), atol=1e-5)
