@@ -4,8 +4,9 @@
 data-parallel (``@stage(distributed=True)`` in :mod:`kdcompress.declare`: ``train``, ``distill``,
 ``prune``) run on every process, training through :func:`kdcompress.training.fit` with
 :class:`~torch.nn.parallel.DistributedDataParallel` and a
-:class:`~torch.utils.data.DistributedSampler`; every other stage runs on rank 0 while the others
-wait. Rank 0 alone writes artifacts and reports. Gloo on the CPU, NCCL on CUDA.
+:class:`~torch.utils.data.DistributedSampler` (:func:`kdcompress.placement.make_sampler`);
+every other stage runs on rank 0 while the others wait. Rank 0 alone writes artifacts and
+reports. Gloo on the CPU, NCCL on CUDA.
 Outside ``torchrun`` every function here is a no-op.
 """
 
@@ -17,10 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "barrier",
-           "all_gather", "mean", "wrap", "sharded_loader", "average_gradients"]
+           "all_gather", "mean", "wrap", "average_gradients"]
 
 
 def is_distributed() -> bool:
@@ -107,19 +107,6 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int, drop_last: bool = False,
-                   num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A shuffled loader over this process's shard (all of it outside torchrun)."""
-    options = {"num_workers": num_workers, "pin_memory": pin_memory}
-    if not is_distributed():
-        generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                          drop_last=drop_last, **options)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      **options)
 
 
 def average_gradients(params: Any) -> None:

@@ -21,6 +21,8 @@ after every epoch, sent to the progress bar, to the run's observers (``ctx.epoch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +37,14 @@ from kdcompress.context import StageContext
 from kdcompress.data import Task
 from kdcompress.declare import Check, Choice, Float, Int
 from kdcompress.errors import DivergedError, StageError
+from kdcompress.placement import (
+    PRECISIONS,
+    ResidentBatches,
+    auto_batch,
+    autocast_dtype,
+    decide_placement,
+    make_sampler,
+)
 
 __all__ = ["fit", "FitConfig", "FitResult", "EpochStats", "LossFn", "OPTIMIZERS", "SCHEDULES",
            "FIT_CHECKS", "make_optimizer", "accuracy", "predict_logits", "predict_split"]
@@ -49,16 +59,19 @@ SCHEDULES = ("cosine", "constant", "onecycle")
 FIT_CHECKS: dict[str, Check] = {
     "epochs": Int(min=0),
     "lr": Float(gt=0),
-    "batch_size": Int(min=1),
+    "batch_size": Int(min=1, optional=True),
     "weight_decay": Float(ge=0),
     "optimizer": Choice(OPTIMIZERS),
     "schedule": Choice(SCHEDULES),
     "grad_clip": Float(gt=0, optional=True),
+    "precision": Choice(PRECISIONS),
 }
 
 #: ``loss_fn(net, x, y)`` (or ``loss_fn(net, x, y, index)`` with ``with_index=True``) returns the
 #: loss, or ``(loss, {"part": tensor, ...})``.
 LossFn = Callable[..., "Tensor | tuple[Tensor, Mapping[str, Tensor]]"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,8 +84,10 @@ class FitConfig:
         Passes over the training split (0 trains nothing).
     lr : float
         Peak learning rate.
-    batch_size : int
-        Samples per step (per process under ``torchrun``).
+    batch_size : int, optional
+        Samples per step (per process under ``torchrun``). None: 64 on the CPU, larger on CUDA
+        with ``lr`` scaled to match (:func:`kdcompress.placement.auto_batch`); the choice is
+        in the stage's details (``batch``).
     weight_decay : float
         Decoupled weight decay (AdamW) or L2 penalty (SGD).
     optimizer : {"adamw", "sgd"}
@@ -83,7 +98,11 @@ class FitConfig:
         Clip the global gradient norm to this value before each step.
     amp : bool
         Automatic mixed precision (float16 autocast with a gradient scaler) when training on
-        CUDA; ignored on the CPU.
+        CUDA with ``precision="auto"``; ignored on the CPU.
+    precision : {"auto", "fp32", "fp16", "bf16"}
+        ``"auto"``: as ``amp`` says on CUDA, float32 on the CPU; ``"bf16"``: bfloat16 autocast
+        on the CPU or CUDA; ``"fp16"``: float16 autocast with a gradient scaler (CUDA only);
+        ``"fp32"``: no autocast.
     transform : callable, optional
         ``transform(x) -> x`` applied to every training batch on the training device, without
         gradient, before ``loss_fn`` sees it (random augmentation, :mod:`kdcompress.augment`);
@@ -97,13 +116,14 @@ class FitConfig:
 
     epochs: int = 10
     lr: float = 2e-3
-    batch_size: int = 64
+    batch_size: int | None = None
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "cosine"
     grad_clip: float | None = None
     amp: bool = True
     transform: Callable[[Tensor], Tensor] | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for key, check in {**FIT_CHECKS, "amp": Choice([True, False])}.items():
@@ -177,7 +197,7 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place on ``data``'s training split by minimising ``loss_fn``.
 
-    Each step: ``loss_fn`` under autocast (CUDA with ``config.amp``), a finiteness check, the
+    Each step: ``loss_fn`` under autocast (``config.precision``), a finiteness check, the
     backward pass, the gradients of ``params`` averaged across processes, gradient clipping, the
     optimiser and schedule steps, then ``on_step``. After each epoch the accuracy on
     ``data.eval_split`` goes to the progress bar (``ctx.report_epoch``), to the run's observers
@@ -295,36 +315,57 @@ class _Loop:
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Task, config: FitConfig,
                  ctx: StageContext, extra: list[nn.Parameter], with_index: bool,
                  on_step: Callable[[int], None] | None, parallel: bool) -> None:
-        self.model, self.loss_fn, self.config, self.ctx = model, loss_fn, config, ctx
+        self.model, self.loss_fn, self.ctx = model, loss_fn, ctx
         self.extra, self.with_index, self.on_step = extra, with_index, on_step
         self.parallel = parallel
+        self.autocast, scaled = autocast_dtype(config.precision, config.amp, ctx.device, ctx.name)
         model.to(ctx.device)
         self.trainable = [p for p in model.parameters() if p.requires_grad] + extra
         if not self.trainable:
             raise StageError(f"stage '{ctx.name}': nothing to train: no parameter of "
                              f"{type(model).__name__} requires a gradient")
         train_set: Dataset = data.split("train")
+        choice = auto_batch(config.batch_size, config.lr, samples=len(train_set),  # type: ignore[arg-type]
+                            device=ctx.device, optimizer=config.optimizer,
+                            world_size=distributed.world_size() if parallel else 1)
+        self.config = dataclasses.replace(config, batch_size=choice.batch_size, lr=choice.lr)
+        placement = decide_placement(train_set, ctx.device)
+        ctx.record("batch", choice.as_dict())
+        ctx.record("data_placement", placement.as_dict())
+        ctx.record("precision", str(self.autocast).replace("torch.", "") if self.autocast
+                   else "float32")
+        log.info("%s: batch %d (%s); %s", ctx.name, choice.batch_size, choice.rule,
+                 placement.reason)
+        self.resident = tuple(t.to(ctx.device) for t in train_set.tensors) \
+            if placement.resident else None  # type: ignore[attr-defined]
         self.train_set = _Indexed(train_set) if with_index else train_set
         self.options = data.loader_options(train_set)  # DataLoader workers, pinned memory
+        if ctx.device.type == "cuda":
+            self.options["pin_memory"] = True
         per_epoch = len(self.loader(ctx.seed))
-        self.optimizer, self.scheduler = make_optimizer(self.trainable, config,
-                                                        total_steps=config.epochs * per_epoch)
-        self.amp = config.amp and ctx.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.optimizer, self.scheduler = make_optimizer(
+            self.trainable, self.config, total_steps=self.config.epochs * per_epoch)
+        self.amp = self.autocast is not None
+        self.scaler = torch.amp.GradScaler("cuda") if scaled else None
         self.net = distributed.wrap(model, ctx.device) if parallel else model
         self.steps = 0
 
-    def loader(self, seed: int) -> DataLoader:
-        """A shuffled loader (of this process's shard when data-parallel); a last batch under
-        half ``batch_size`` is dropped."""
+    def loader(self, seed: int) -> DataLoader | ResidentBatches:
+        """The shuffled batches of one epoch (of this process's shard when data-parallel),
+        gathered on the device when the split is kept there; a last batch under half
+        ``batch_size`` is dropped."""
         size = self.config.batch_size
-        make = distributed.sharded_loader if self.parallel else _plain_loader
-        loader = make(self.train_set, batch_size=size, seed=seed, **self.options)
-        n = len(loader.sampler)  # type: ignore[arg-type]
-        if n > size and 0 < n % size < size / 2:
-            loader = make(self.train_set, batch_size=size, seed=seed, drop_last=True,
-                          **self.options)
-        return loader
+        assert size is not None
+        sampler = make_sampler(self.train_set, seed=seed, parallel=self.parallel)
+        n = len(sampler)  # type: ignore[arg-type]
+        drop_last = n > size and 0 < n % size < size / 2
+        if drop_last and self.parallel:  # shards of equal length, as DDP needs
+            sampler = make_sampler(self.train_set, seed=seed, parallel=True, drop_last=True)
+        if self.resident is not None:
+            return ResidentBatches(self.resident, sampler, batch_size=size, drop_last=drop_last,
+                                   with_index=self.with_index)
+        return DataLoader(self.train_set, batch_size=size, sampler=sampler, drop_last=drop_last,
+                          generator=torch.Generator().manual_seed(seed), **self.options)
 
     def epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch (counted from 1); the mean loss and parts over its samples."""
@@ -332,7 +373,8 @@ class _Loop:
         sums: dict[str, float] = {}
         count = 0
         for i, batch in enumerate(self.loader(self.ctx.seed + epoch - 1), 1):
-            x, y = batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)
+            x = batch[0].to(self.ctx.device, non_blocking=True)
+            y = batch[1].to(self.ctx.device, non_blocking=True)
             if self.config.transform is not None:
                 x = self._augmented(x)
             index = batch[2] if self.with_index else None
@@ -357,7 +399,8 @@ class _Loop:
              step: int) -> dict[str, float]:
         """One optimisation step; the loss (mean over processes) and its parts."""
         args = (self.net, x, y) if index is None else (self.net, x, y, index)
-        with torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext():
+        with torch.autocast(self.ctx.device.type, dtype=self.autocast) if self.autocast \
+                else contextlib.nullcontext():
             value, parts = _as_loss(self.loss_fn(*args), self.ctx.name)
         loss = _checked(value, self, epoch=epoch, step=step, x=x)
         self.optimizer.zero_grad(set_to_none=True)
@@ -432,14 +475,6 @@ class _Indexed(Dataset):
         return x, y, i
 
 
-def _plain_loader(dataset: Dataset, *, batch_size: int, seed: int, drop_last: bool = False,
-                  num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """All of ``dataset``, shuffled with its own seeded generator."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last,
-                      generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
-                      pin_memory=pin_memory)
-
-
 def _as_loss(out: Any, stage: str) -> tuple[Tensor, Mapping[str, Tensor]]:
     value, parts = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
     if not isinstance(value, Tensor) or value.numel() != 1 or not isinstance(parts, Mapping):
@@ -477,7 +512,8 @@ def _likely_cause(local: float, x: Tensor, loop: _Loop) -> str:
     weights = " (the weights are no longer finite)" if any(
         not bool(torch.isfinite(p).all()) for p in loop.trainable) else ""
     clip = "" if config.grad_clip is not None else " or clip gradients (grad_clip=1.0)"
-    fp16 = "; under mixed precision float16 may overflow too: try amp=False" if loop.amp else ""
+    fp16 = ("; under mixed precision the low-precision activations may overflow too: try "
+            "precision='fp32'") if loop.amp else ""
     return (f"Likely cause: the learning rate lr={config.lr:g} is too high{weights}; lower it "
             f"(e.g. lr={config.lr / 10:g}){clip}{fp16}")
 

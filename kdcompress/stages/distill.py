@@ -5,14 +5,16 @@ hooks on a copy of the student and on the teachers, builds one :class:`DistillBa
 optimises the student together with the loss's adapters. The adapters are created from the first
 batch's shapes and stay in the loss: the returned student is exactly the input architecture.
 
-Teacher outputs are computed in eval mode under ``torch.no_grad()``. With ``cache_teacher=True``
-they are computed once per training sample and reused in later epochs, keyed by the sample's
-index, so the shuffled order of each epoch does not matter. This is only correct when a sample's
-input is the same in every epoch, which kdcompress can tell for tensor data
-(``from_tensors``, ``from_numpy``, ``digits``, ``mnist``) and image folders (``from_folder``),
-and never under ``transforms=``; for other data sets (they may augment at random) the
-cache is refused with a warning, and it is never used with an EMA teacher, which changes every
-step.
+Teacher outputs are computed in eval mode under ``torch.no_grad()``, once per batch. By default
+(``cache_teacher="auto"``) they are computed once per training sample, in one pass before the
+first epoch, and reused in every epoch, keyed by the sample's index, so the shuffled order of each
+epoch does not matter. This is only correct when a sample's input is the same in every epoch,
+which kdcompress can tell for tensor data (``from_tensors``, ``from_numpy``, ``digits``,
+``mnist``) and image folders (``from_folder``), and never under ``transforms=``; it is never used
+with an EMA teacher, which changes every step. ``"auto"`` also skips a cache larger than
+:data:`CACHE_LIMIT_BYTES` (large feature maps); ``True`` asks for it and warns when it cannot be
+used; ``False`` runs the teachers on every batch. The stage's details say which happened
+(``teacher_cache``).
 
 Self-distillation (no teacher) takes the soft targets of a sample from an earlier snapshot of
 the same model on that same sample: ``"born_again"`` (Furlanello et al., "Born-Again Neural
@@ -39,7 +41,13 @@ from kdcompress.errors import LayerError, LossError, StageError
 from kdcompress.hooks import FeatureCapture
 from kdcompress.losses import CE, KD, DistillBatch, DistillLoss, teacher_weights
 from kdcompress.models import ModelSpec, as_module
+from kdcompress.placement import BASE_BATCH
 from kdcompress.training import FIT_CHECKS, FitConfig, FitResult, fit
+
+#: The largest teacher-output cache ``cache_teacher="auto"`` keeps (bytes, on the device).
+CACHE_LIMIT_BYTES = 2**30
+#: Samples per teacher batch while the cache is filled (inference only).
+_FILL_BATCH = 512
 
 __all__ = ["distill", "default_loss"]
 
@@ -68,17 +76,17 @@ def default_loss() -> DistillLoss:
     "self_distill": Choice(_SELF_DISTILL),
     "generations": Int(min=1),
     "ema_decay": Float(ge=0, lt=1),
-    "cache_teacher": Choice([True, False]),
+    "cache_teacher": Choice(["auto", True, False]),
     "transforms": TRANSFORMS,
 })
 def distill(
     student: nn.Module | ModelSpec, teacher: nn.Module | list[nn.Module] | None = None, *,
-    loss: nn.Module | None = None, epochs: int = 10, lr: float = 2e-3, batch_size: int = 64,
-    weight_decay: float = 1e-4, optimizer: str = "adamw", schedule: str = "cosine",
-    grad_clip: float | None = None, teacher_weighting: str = "mean",
+    loss: nn.Module | None = None, epochs: int = 10, lr: float = 2e-3,
+    batch_size: int | None = None, weight_decay: float = 1e-4, optimizer: str = "adamw",
+    schedule: str = "cosine", grad_clip: float | None = None, teacher_weighting: str = "mean",
     self_distill: str | None = None, generations: int = 1, ema_decay: float = 0.999,
-    cache_teacher: bool = False, transforms: Transforms | None = None, data: Task | None = None,
-    ctx: StageContext | None = None,
+    cache_teacher: bool | str = "auto", transforms: Transforms | None = None,
+    precision: str = "auto", data: Task | None = None, ctx: StageContext | None = None,
 ) -> nn.Module:
     """Train a copy of ``student`` against ``teacher`` (or several, or itself) with ``loss``.
 
@@ -105,12 +113,15 @@ def distill(
         Born-again generations.
     ema_decay : float
         Decay of the EMA teacher (warmed up as ``min(decay, (1 + step) / (10 + step))``).
-    cache_teacher : bool
-        Reuse the teachers' outputs across epochs when the data allow it (module docstring);
-        ignored, with a warning, under ``transforms``.
+    cache_teacher : {"auto", True, False}
+        Reuse the teachers' outputs across epochs when the data allow it (module docstring):
+        ``"auto"`` when they do and the cache fits :data:`CACHE_LIMIT_BYTES`; ``True`` warns
+        when it cannot.
     transforms : Transform, function or list of them, optional
         Random augmentation of the training batches (:mod:`kdcompress.augment`). The teachers
         and the student see the same augmented batch.
+    precision : {"auto", "fp32", "fp16", "bf16"}
+        Autocast precision of the training steps, as for ``train``.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -141,7 +152,7 @@ def distill(
         "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip,
         "teacher_weighting": teacher_weighting, "self_distill": self_distill,
         "generations": generations, "ema_decay": ema_decay, "cache_teacher": cache_teacher,
-        "transforms": transforms})
+        "transforms": transforms, "precision": precision})
     ctx = resolve_context(ctx, "distill", data)
     augment = compose(transforms)
     if augment is not None:
@@ -153,7 +164,7 @@ def distill(
         return student.cpu().eval()
     config = FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                        optimizer=optimizer, schedule=schedule, grad_clip=grad_clip,
-                       transform=augment)
+                       transform=augment, precision=precision)
     run = _Run(ctx, config, teacher_weighting=teacher_weighting, cache_teacher=cache_teacher)
     if self_distill is None:
         teachers = [_frozen(as_module(t, ctx.data), ctx.device) for t in _as_list(teacher)]
@@ -249,12 +260,16 @@ class _TeacherCache:
                 self.store[key][index.to(value.device)] = value
         self.filled[index] = True
 
+    def nbytes(self) -> int:
+        """Bytes of the whole cache (allocated in full at the first batch)."""
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
 
 class _Run:
     """One distillation run's settings; :meth:`fit` trains one student with hooks attached."""
 
     def __init__(self, ctx: StageContext, config: FitConfig, *, teacher_weighting: str,
-                 cache_teacher: bool) -> None:
+                 cache_teacher: bool | str) -> None:
         self.ctx, self.config = ctx, config
         self.teacher_weighting, self.cache_teacher = teacher_weighting, cache_teacher
 
@@ -310,7 +325,7 @@ class _Run:
         gradient): checks every hooked layer and lets the loss create its adapters before the
         optimiser is built."""
         first = next(iter(DataLoader(self.ctx.data.split("train"),
-                                     batch_size=self.config.batch_size,
+                                     batch_size=self.config.batch_size or BASE_BATCH,
                                      generator=torch.Generator())))  # global RNG left alone
         x, y = first[0].to(self.ctx.device), first[1].to(self.ctx.device)
         student.eval()
@@ -320,33 +335,46 @@ class _Run:
         _setup(loss, batch)
 
     def _use_cache(self, ema_decay: float | None) -> bool:
-        if not self.cache_teacher:
+        if self.cache_teacher is False:
+            self.ctx.record("teacher_cache", "off (cache_teacher=False)")
             return False
+        reason = None
         if ema_decay is not None:
-            self.ctx.warn("cache_teacher ignored: the EMA teacher changes at every step")
-            return False
-        if self.config.transform is not None:
-            self.ctx.warn(f"cache_teacher ignored: transforms={self.config.transform!r} change "
-                          "each training sample at random, so the teacher must see each "
-                          "augmented batch")
-            return False
-        if not _index_cacheable(self.ctx.data.split("train")):
-            self.ctx.warn("cache_teacher ignored: the training split is not tensor data, so a "
-                          "sample may differ between epochs (random augmentation)")
-            return False
-        return True
+            reason = "the EMA teacher changes at every step"
+        elif self.config.transform is not None:
+            reason = (f"transforms={self.config.transform!r} change each training sample at "
+                      "random, so the teacher must see each augmented batch")
+        elif not _index_cacheable(self.ctx.data.split("train")):
+            reason = ("the training split is not tensor data, so a sample may differ between "
+                      "epochs (random augmentation)")
+        if reason is None:
+            return True
+        self.ctx.record("teacher_cache", f"off: {reason}")
+        if self.cache_teacher is True:
+            self.ctx.warn(f"cache_teacher ignored: {reason}")
+        return False
 
-    def _fill_cache(self, teachers, captures, names) -> _TeacherCache:
-        """One pass of the teachers over the whole training split, in order."""
+    def _fill_cache(self, teachers, captures, names) -> _TeacherCache | None:
+        """One pass of the teachers over the whole training split, in order; None when
+        ``"auto"`` finds the cache would exceed :data:`CACHE_LIMIT_BYTES`."""
         train = self.ctx.data.split("train")
         cache = _TeacherCache(len(train))  # type: ignore[arg-type]
-        in_order = DataLoader(train, batch_size=self.config.batch_size,
+        in_order = DataLoader(train, batch_size=_FILL_BATCH,
                               generator=torch.Generator())  # leaves the global RNG alone
         start = 0
         for x, _ in in_order:
             index = torch.arange(start, start + len(x))
             start += len(x)
             self._teacher_outputs(x.to(self.ctx.device), index, teachers, captures, cache, names)
+            if start == len(x):  # after the first batch the cache's full size is known
+                need = cache.nbytes()
+                if self.cache_teacher == "auto" and need > CACHE_LIMIT_BYTES:
+                    self.ctx.record("teacher_cache", f"off: the teachers' outputs take "
+                                    f"{need / 2**20:.0f} MiB, over the {CACHE_LIMIT_BYTES >> 20} "
+                                    "MiB of cache_teacher='auto' (set cache_teacher=True)")
+                    return None
+        self.ctx.record("teacher_cache", f"on: {cache.nbytes() / 2**20:.2f} MiB for "
+                        f"{len(train)} samples, computed once")  # type: ignore[arg-type]
         return cache
 
     @torch.no_grad()

@@ -66,14 +66,15 @@ PRUNE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     "iterative_steps": Int(min=1),
     "recovery_epochs": Int(min=0),
     "recovery_lr": Float(gt=0),
-    "recovery_batch_size": Int(min=1),
+    "recovery_batch_size": Int(min=1, optional=True),
     "round_to": Int(min=1, optional=True),
     "allocation": Choice(ALLOCATIONS),
 })
 def prune(
     model: nn.Module, *, ratio: float = 0.3, importance: str = "magnitude",
     global_pruning: bool = False, iterative_steps: int = 1, recovery_epochs: int = 3,
-    recovery_lr: float = 3e-3, recovery_batch_size: int = 64, teacher: nn.Module | None = None,
+    recovery_lr: float = 3e-3, recovery_batch_size: int | None = None,
+    teacher: nn.Module | None = None,
     round_to: int | None = None, ignored_layers: list[str] | None = None,
     allocation: str = "uniform", data: Task | None = None, ctx: StageContext | None = None,
 ) -> nn.Module:
@@ -96,8 +97,9 @@ def prune(
         Epochs of distillation after each step (:func:`kd_recovery_loss`: KD at temperature 4
         plus cross-entropy), from ``teacher`` or, when none is given, from the unpruned model.
         0 skips recovery (the accuracy pruning costs is then not repaired).
-    recovery_lr, recovery_batch_size : float, int
-        Learning rate (AdamW, cosine decay, weight decay 1e-4) and batch size of recovery.
+    recovery_lr, recovery_batch_size : float, int or None
+        Learning rate (AdamW, cosine decay, weight decay 1e-4) and batch size of recovery
+        (None: chosen for the device, as ``train``'s ``batch_size=None``).
     teacher : nn.Module, optional
         The model to distil from during recovery.
     round_to : int, optional

@@ -21,10 +21,11 @@ __all__ = ["train"]
 @stage(role="train", distributed=True,
        checks={**FIT_CHECKS, "label_smoothing": Float(ge=0, lt=1), "transforms": TRANSFORMS})
 def train(
-    model: nn.Module | ModelSpec, *, epochs: int = 10, lr: float = 2e-3, batch_size: int = 64,
+    model: nn.Module | ModelSpec, *, epochs: int = 10, lr: float = 2e-3,
+    batch_size: int | None = None,
     weight_decay: float = 1e-4, label_smoothing: float = 0.0, optimizer: str = "adamw",
     schedule: str = "cosine", grad_clip: float | None = None, transforms: Transforms | None = None,
-    data: Task | None = None, ctx: StageContext | None = None,
+    precision: str = "auto", data: Task | None = None, ctx: StageContext | None = None,
 ) -> nn.Module:
     """Train ``model`` on the task's training split with cross-entropy.
 
@@ -38,7 +39,9 @@ def train(
     model : nn.Module or ModelSpec
         The model to train (``models.cnn()`` builds one for the data).
     epochs, lr, batch_size, weight_decay
-        Optimisation settings (:class:`~kdcompress.training.FitConfig`).
+        Optimisation settings (:class:`~kdcompress.training.FitConfig`). ``batch_size=None``
+        trains at 64 on the CPU and at a larger batch on CUDA, with ``lr`` (meant for 64)
+        scaled to match; the choice is in the stage's details.
     label_smoothing : float
         Cross-entropy label smoothing, ``0 <= label_smoothing < 1``.
     optimizer : {"adamw", "sgd"}
@@ -50,6 +53,9 @@ def train(
     transforms : Transform, function or list of them, optional
         Random augmentation of the training batches (:mod:`kdcompress.augment`), e.g.
         ``[RandomCrop(padding=2), Noise(0.1)]``; never applied to the batches measured.
+    precision : {"auto", "fp32", "fp16", "bf16"}
+        Autocast precision of the training steps: ``"auto"`` is float16 with a gradient scaler
+        on CUDA and float32 on the CPU; ``"bf16"`` works on both; ``"fp16"`` needs CUDA.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -73,7 +79,7 @@ def train(
     check_arguments(train, {"epochs": epochs, "lr": lr, "batch_size": batch_size,
                             "weight_decay": weight_decay, "label_smoothing": label_smoothing,
                             "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip,
-                            "transforms": transforms})
+                            "transforms": transforms, "precision": precision})
     ctx = resolve_context(ctx, "train", data)
     augment = compose(transforms)
     if augment is not None:
@@ -82,7 +88,7 @@ def train(
     model = copy.deepcopy(as_module(model, ctx.data)).to(ctx.device)
     config = FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                        optimizer=optimizer, schedule=schedule, grad_clip=grad_clip,
-                       transform=augment)
+                       transform=augment, precision=precision)
 
     def loss_fn(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(net(x), y, label_smoothing=label_smoothing)
