@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA paths on a machine with a GPU, in a few minutes: training with AMP on CUDA, CUDA latency
-# columns, torchrun with NCCL. Writes the reports under $OUT (default ./gpu_check).
+# The CUDA paths on a machine with a GPU, in under 10 minutes: benchmarks/gpu_check.py (training
+# throughput against a plain data-on-GPU loop, the flagship end to end with CUDA latency of every
+# stage, CUDA/CPU parity; on full MNIST when KDCOMPRESS_DATA is set), then torchrun with NCCL.
+# Writes the reports under $OUT (default ./gpu_check).
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_check}
@@ -12,9 +14,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 export PYTHONUNBUFFERED=1
 t0=$SECONDS
-python3 -m kdcompress run pipelines/tt_distill_quant.py --device cuda --fresh --out "$OUT/flagship-cuda"
-echo "rc=$? flagship on cuda: $((SECONDS - t0)) s"
-cp "$OUT/flagship-cuda/report.md" "$OUT/flagship-cuda.md" 2>/dev/null
+python3 benchmarks/gpu_check.py --device cuda --out "$OUT"
+echo "rc=$? gpu_check.py: $((SECONDS - t0)) s"
 t0=$SECONDS
 python3 -m torch.distributed.run --nproc-per-node 1 -m kdcompress run pipelines/tt_distill_quant.py \
   --device cuda --fresh --until student_kd --out "$OUT/torchrun-nccl"
@@ -22,7 +23,7 @@ echo "rc=$? torchrun nccl until student_kd: $((SECONDS - t0)) s"
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-for run in ("flagship-cuda", "torchrun-nccl"):
+for run in ("flagship", "torchrun-nccl"):
     path = Path(sys.argv[1]) / run / "report.json"
     if not path.is_file():
         print(run, "no report"); continue

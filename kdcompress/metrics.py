@@ -251,7 +251,9 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
         ``params``, ``size_bytes``, ``macs``, ``latency_ms``, ``engine``, ``accuracy``,
         ``val_accuracy``, ``score``, ``val_score``, ``agreement`` (and ``faster_by``,
         ``timing`` with a baseline,
-        ``latency_ms_cuda`` when CUDA is measured).
+        ``latency_ms_cuda`` when CUDA is measured: torch models, and ONNX graphs when
+        onnxruntime has its CUDA provider, else ``timing["cuda"]`` says why not, and the
+        report shows it).
     """
     config = config or MeasureConfig()
     onnx = isinstance(model, OnnxModel)
@@ -288,6 +290,20 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
         row["latency_ms"], base, row["timing"] = latency_against(model, baseline, x, config)
         row["faster_by"] = {k: round(base[k]["p50"] / v["p50"], 3) if v["p50"] > 0 else None
                             for k, v in row["latency_ms"].items()}
-    if config.cuda and not onnx:
-        row["latency_ms_cuda"] = latency(model, x, config, device="cuda")
+    if config.cuda:
+        missing = onnx_cuda_missing() if onnx else None
+        if missing is None:
+            row["latency_ms_cuda"] = latency(model, x, config, device="cuda")
+        else:  # the report says, in one line, why this ONNX stage has no CUDA latency
+            row.setdefault("timing", {})["cuda"] = missing
     return row
+
+
+def onnx_cuda_missing() -> str | None:
+    """Why ONNX Runtime cannot time a graph on CUDA here, or None when it can."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    return (f"no CUDA latency for this ONNX graph: onnxruntime {ort.__version__} has no "
+            "CUDAExecutionProvider (install onnxruntime-gpu to measure it)")

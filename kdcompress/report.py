@@ -225,6 +225,8 @@ _KNOBS = {
 
 def _flags(row: StageRow, parent: StageRow | None, metric: str = "accuracy") -> list[str]:
     flags = list(row.timing.get("flags", []))
+    if row.timing.get("cuda"):
+        flags.append(row.timing["cuda"])
     if parent is None:
         return flags
     lat, plat = row.batch_latency(), parent.batch_latency()

@@ -88,3 +88,24 @@ def test_latency_against_times_both_models_interleaved(tiny_task):
     assert slow["batch_1"]["p50"] >= 4.0 > fast["batch_1"]["p50"]
     assert slow["batch_1"]["runs"] == fast["batch_1"]["runs"] >= 5
     assert timing["baseline_latency_ms"] == slow
+
+
+def test_onnx_stage_without_a_cuda_provider_says_why(cnn_onnx, digits_task, fast_measure):
+    """On a CUDA run, an ONNX stage gets CUDA latency from onnxruntime-gpu; without its CUDA
+    provider the row says why in one line, and the report shows it among the stage's flags."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from kdcompress.report import Report, StageRow
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    config = dataclasses.replace(fast_measure, cuda=True)
+    row = measure(cnn_onnx, digits_task, config=config)
+    assert "latency_ms_cuda" not in row
+    assert "CUDAExecutionProvider" in row["timing"]["cuda"] and "onnxruntime-gpu" in \
+        row["timing"]["cuda"]
+    report = Report("p")
+    report.add(StageRow(name="int8", function="quantize_onnx", inputs=[], format="onnx", **row))
+    assert row["timing"]["cuda"] in report.row("int8").flags

@@ -180,3 +180,17 @@ def test_teacher_cache_auto_decisions(task: data.Task, monkeypatch) -> None:
     ctx = StageContext.standalone("student_kd", task)
     distill(models.cnn(width=4), teacher, loss=KD(), epochs=1, ctx=ctx)
     assert "over the" in ctx.details["teacher_cache"] and not ctx.warnings
+
+
+def test_gpu_check_skips_with_a_message_without_cuda() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the check would run")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    assert "gpu_check: skipped: PyTorch sees no CUDA GPU" in done.stdout

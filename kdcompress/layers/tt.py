@@ -669,12 +669,23 @@ TT_LAYERS: tuple[type[nn.Module], ...] = (TTLinear, TTConv2d)
 # materialize: choose factorised or dense per layer for deployment
 
 
-def _median_time(fn: Any, x: torch.Tensor, repeats: int = 15) -> float:
-    from kdcompress.metrics import MeasureConfig, time_call
+def _compare_times(layer: nn.Module, dense: nn.Module, x: torch.Tensor, device: torch.device,
+                   repeats: int = 15) -> tuple[float, float]:
+    """Median seconds of ``layer`` (factorised) and ``dense`` on ``x``, timed interleaved on
+    ``device`` (synchronised after every call on CUDA)."""
+    from kdcompress.metrics import MeasureConfig, time_calls
 
+    factorized = copy.deepcopy(layer).to(device).eval()
+    if hasattr(factorized, "forward_mode"):
+        factorized.forward_mode = "factorized"
+    dense = copy.deepcopy(dense).to(device).eval()
+    x = x.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        ms = time_call(lambda: fn(x), MeasureConfig(warmup=3, repeats=repeats, min_seconds=0.0))
-    return ms["p50"] / 1e3
+        fact_ms, dense_ms = time_calls([lambda: factorized(x), lambda: dense(x)],
+                                       MeasureConfig(warmup=3, repeats=repeats, min_seconds=0.0),
+                                       sync)
+    return fact_ms["p50"] / 1e3, dense_ms["p50"] / 1e3
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
@@ -716,8 +727,8 @@ def _layer_inputs(model: nn.Module, names: list[str], example_input: torch.Tenso
 
 
 def materialize(model: nn.Module, mode: str = "auto", example_input: torch.Tensor | None = None,
-                threads: int = 1, size_budget: int | None = None
-                ) -> tuple[nn.Module, list[str]]:
+                threads: int = 1, size_budget: int | None = None,
+                device: torch.device | str = "cpu") -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with TT layers kept factorised or replaced by dense ones.
 
     Parameters
@@ -727,15 +738,19 @@ def materialize(model: nn.Module, mode: str = "auto", example_input: torch.Tenso
     mode : {"auto", "factorized", "dense"}
         ``"factorized"`` keeps every TT layer; ``"dense"`` replaces each by its ``to_dense()``;
         ``"auto"`` times, for each TT layer on its own input captured from ``example_input``,
-        the factorised forward against the dense layer (PyTorch, ``threads`` threads, median of
-        15 runs) and makes dense the layers where dense is faster, most time saved first, while
-        the extra weights stay within ``size_budget``.
+        the factorised forward against the dense layer (PyTorch on ``device``, ``threads``
+        threads, the two interleaved, median of 15 runs each) and makes dense the layers where
+        dense is faster, most time saved first, while the extra weights stay within
+        ``size_budget``.
     example_input : Tensor, optional
         A batch like the deployment batch; required for ``"auto"``.
     threads : int
         Threads used for the timing.
     size_budget : int, optional
         Most extra bytes (float32) that dense layers may add in ``"auto"``; ``None`` for no limit.
+    device : torch.device or str
+        Where ``"auto"`` times the layers: the device the model will be served on (many small
+        kernels cost more on a GPU than on a CPU, so the choice differs).
 
     Returns
     -------
@@ -768,13 +783,7 @@ def materialize(model: nn.Module, mode: str = "auto", example_input: torch.Tenso
                     continue
                 layer = model.get_submodule(name)
                 dense = layer.to_dense().eval()
-                mode_before = getattr(layer, "forward_mode", None)
-                if mode_before is not None:
-                    layer.forward_mode = "factorized"
-                t_fact = _median_time(layer, inputs[name])
-                if mode_before is not None:
-                    layer.forward_mode = mode_before
-                t_dense = _median_time(dense, inputs[name])
+                t_fact, t_dense = _compare_times(layer, dense, inputs[name], torch.device(device))
                 extra = 4 * (dense.weight.numel() - layer.num_core_params())
                 if t_dense < t_fact:
                     gains.append((t_fact - t_dense, extra, name))

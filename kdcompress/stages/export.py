@@ -65,7 +65,8 @@ def export_onnx(
         Recorded in the report.
     tt_export : {"factorized", "dense", "auto"}
         How tensor-train layers are exported: as their chain of small contractions, multiplied
-        back into one dense weight, or per layer whichever is faster here.
+        back into one dense weight, or per layer whichever is faster on the device the pipeline
+        runs on (``--device``: the GPU for a CUDA run; ``tt_export_timed_on`` in the details).
     simplify : bool
         Simplify the graph (onnxslim when installed, else ONNX Runtime's offline optimisation).
     atol : float
@@ -167,7 +168,10 @@ def _materialize_tt(model: nn.Module, mode: str, ctx: StageContext) -> tuple[nn.
     if not any(isinstance(m, TT_LAYERS) for m in model.modules()):
         return model, []
     example = ctx.data.example(64).float()  # "auto" times each layer at a serving-size batch
-    model, names = materialize(model, mode=mode, example_input=example, threads=1)
+    if mode == "auto":  # timed where the model will be served: the pipeline's device
+        ctx.record("tt_export_timed_on", str(ctx.device))
+    model, names = materialize(model, mode=mode, example_input=example, threads=1,
+                               device=ctx.device)
     return model.eval(), list(names)
 
 

@@ -210,6 +210,25 @@ def test_materialize_modes() -> None:
     assert isinstance(model[3], TTLinear)  # input untouched
 
 
+def test_materialize_auto_follows_timings_on_the_serving_device(monkeypatch) -> None:
+    """"auto" asks for timings on the device given and makes dense exactly the layers whose
+    dense form was faster there (timings faked: the choice, not the clock, is under test)."""
+    tt_module = importlib.import_module("kdcompress.layers.tt")
+    model = _model()
+    seen = []
+
+    def fake(layer, dense, x, device):
+        seen.append(device)
+        faster_dense = isinstance(dense, nn.Linear) and dense.in_features == 512
+        return (2.0, 1.0) if faster_dense else (1.0, 2.0)
+
+    monkeypatch.setattr(tt_module, "_compare_times", fake)
+    out, names = materialize(model, "auto", example_input=torch.randn(4, 1, 8, 8), device="cuda")
+    assert seen and all(d == torch.device("cuda") for d in seen)
+    assert len(seen) == 3 and names == ["3"]  # the 512 -> 64 layer alone was faster dense
+    assert isinstance(out[3], nn.Linear) and isinstance(out[5], TTLinear)
+
+
 def test_package_exports_the_public_api() -> None:
     layers = importlib.import_module("kdcompress.layers")
     readme = {"TTLinear", "TTConv2d", "materialize", "tensorize", "round_ranks"}

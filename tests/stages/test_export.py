@@ -185,6 +185,17 @@ def test_tt_layers_are_recognised_by_class_not_name(trained, task, monkeypatch):
     assert TTConv2d in export.TT_LAYERS
 
 
+def test_tt_export_auto_is_timed_on_the_pipeline_device(task, monkeypatch):
+    devices = []
+    materialize = export.materialize
+    monkeypatch.setattr(export, "materialize", lambda model, **kw: devices.append(kw["device"])
+                        or materialize(model, **kw))
+    model = nn.Sequential(nn.Flatten(), TTLinear.from_linear(nn.Linear(64, 10), rank=2))
+    ctx = StageContext.standalone("fp32", task)
+    export_onnx(model, tt_export="auto", ctx=ctx)
+    assert devices == [ctx.device] and ctx.details["tt_export_timed_on"] == "cpu"
+
+
 def test_parity_check_never_reads_the_test_split(trained, task, monkeypatch):
     reads: list[str] = []
     arrays = data.Task.arrays

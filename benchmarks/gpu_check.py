@@ -1,0 +1,188 @@
+"""The GPU check: every CUDA path and the GPU bars, in under 10 minutes on one GPU.
+
+Run by hand on a machine with a GPU (it is not a test; CPU-only machines skip it)::
+
+    python benchmarks/gpu_check.py --data DIR          # all 55,000 MNIST training images
+    python benchmarks/gpu_check.py                     # 8x8 digits (bundled)
+    python benchmarks/gpu_check.py --smoke --device cpu  # the script's own paths, on the CPU
+
+It measures, side by side in one process:
+
+1. training throughput of the ``train`` stage against a plain loop with the data already on the
+   GPU, same model (``models.cnn(width=64)``), batch size, optimiser and precision
+   (bar: at least 80%);
+2. the flagship pipeline (teacher, TT student, distillation, pruning, ONNX, int8) end to end on
+   the device, with every stage's CUDA latency (ONNX stages too when onnxruntime-gpu is
+   installed; otherwise the report says why) (bar: under 60 s on full MNIST, the exported
+   student no slower than the teacher at batch 64);
+3. parity of the teacher's predictions on CUDA and on the CPU (argmax agreement, largest logit
+   difference) on the test split.
+
+Markdown goes to stdout and ``--out``/gpu_check.md; the run folder to ``--out``/flagship.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kdcompress import Pipeline, data, models
+from kdcompress.context import StageContext
+from kdcompress.losses import CE, KD
+from kdcompress.options import RunOptions
+from kdcompress.placement import auto_batch
+from kdcompress.runner import run
+from kdcompress.stages import decompose_tt, distill, export_onnx, prune, quantize_onnx, train
+from kdcompress.training import FitConfig, make_optimizer, predict_logits
+
+
+def flagship(task: data.Task, scale: float) -> Pipeline:
+    """pipelines/tt_distill_quant.py on ``task``, epochs multiplied by ``scale`` (at least 1)."""
+    def e(n: int) -> int:
+        return max(1, round(n * scale))
+
+    p = Pipeline("tt_distill_quant", data=task, seed=0)
+    teacher = p.stage(train, out="teacher", model=models.cnn(width=64), epochs=e(20))
+    student = p.stage(decompose_tt, out="student", model=teacher, rank=8)
+    student_kd = p.stage(distill, out="student_kd", student=student, teacher=teacher,
+                         loss=KD(temperature=4) * 0.9 + CE() * 0.1, epochs=e(15))
+    pruned = p.stage(prune, out="pruned", model=student_kd, ratio=0.3, round_to=8,
+                     teacher=teacher, recovery_epochs=e(5))
+    fp32 = p.stage(export_onnx, out="fp32", model=pruned, tt_export="auto")
+    p.stage(quantize_onnx, out="int8", model=fp32, mode="static")
+    return p
+
+
+def plain_loop(task: data.Task, device: torch.device, batch: int, lr: float, epochs: int,
+               precision: torch.dtype | None) -> float:
+    """Samples per second of the simplest loop: data on the device, randperm, AdamW, cosine."""
+    torch.manual_seed(0)
+    x, y = (t.to(device) for t in task.arrays("train"))
+    model = models.cnn(width=64).build(task.input_shape, task.num_classes).to(device)
+    steps = epochs * (len(x) // batch)
+    optimizer, scheduler = make_optimizer(list(model.parameters()),
+                                          FitConfig(lr=lr, batch_size=batch), total_steps=steps)
+    scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    seen = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), device=device)
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = order[i:i + batch]
+            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            seen += len(idx)
+    sync()
+    return seen / (time.perf_counter() - start)
+
+
+def stage_throughput(task: data.Task, device: torch.device, batch: int, lr: float,
+                     epochs: int) -> tuple[float, dict]:
+    """Samples per second of the ``train`` stage (its per-epoch validation included)."""
+    ctx = StageContext.standalone("teacher", task, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    train(models.cnn(width=64), epochs=epochs, batch_size=batch, lr=lr, ctx=ctx)
+    sync()
+    samples = epochs * (len(task.split("train")) // batch) * batch
+    return samples / (time.perf_counter() - start), ctx.details
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get(data.DATA_ENV),
+                        help="folder with the four MNIST IDX files (default: bundled digits)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check"))
+    parser.add_argument("--smoke", action="store_true",
+                        help="one epoch per stage on digits: checks the script, not the GPU")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: skipped: PyTorch sees no CUDA GPU on this machine (run it where "
+              "torch.cuda.is_available() is True, or pass --smoke --device cpu to check the "
+              "script itself)")
+        return 0
+    task = data.digits() if args.smoke or not args.data else data.mnist(args.data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    lines = [f"# GPU check on {name}",
+             "", f"torch {torch.__version__}, data {task.name} "
+             f"({len(task.split('train'))} training images)", ""]
+
+    # 1. throughput, side by side, at the batch the train stage picks for this device
+    choice = auto_batch(None, 2e-3, samples=len(task.split("train")), device=device,
+                        optimizer="adamw")
+    precision = torch.float16 if device.type == "cuda" else None
+    epochs = 1 if args.smoke else 2
+    plain_loop(task, device, choice.batch_size, choice.lr, 1, precision)  # warm-up (cuDNN)
+    plain = plain_loop(task, device, choice.batch_size, choice.lr, epochs, precision)
+    staged, details = stage_throughput(task, device, choice.batch_size, choice.lr, epochs)
+    lines += ["## Training throughput (models.cnn(width=64))", "",
+              f"batch {choice.batch_size} ({choice.rule}), {epochs} epochs, "
+              f"precision {details.get('precision')}; data: "
+              f"{details['data_placement']['reason']}", "",
+              "| loop | samples/s |", "|---|---:|",
+              f"| plain, data on the device | {plain:,.0f} |",
+              f"| `train` stage (validation included) | {staged:,.0f} |",
+              "", f"ratio {staged / plain:.2f} (bar >= 0.80)", ""]
+
+    # 2. the flagship end to end on the device
+    start = time.perf_counter()
+    report = run(flagship(task, 0.05 if args.smoke else 1.0),
+                 RunOptions(out=args.out / "flagship", device=str(device), fresh=True,
+                            plot=False))
+    wall = time.perf_counter() - start
+    lines += ["## Flagship end to end", "", f"{wall:.1f} s on {device} (bar < 60 s on full "
+              "MNIST)", "", "| stage | s | val | test | CPU b64 ms | CUDA b1 ms | CUDA b64 ms | "
+              "note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report.stages:
+        cuda = r.latency_ms_cuda or {}
+        note = r.timing.get("cuda", "")
+        lines.append(f"| {r.name} | {r.seconds:.1f} | {r.val_accuracy} | {r.accuracy} | "
+                     f"{r.latency_ms['batch_64']['p50']} | "
+                     f"{cuda.get('batch_1', {}).get('p50', '')} | "
+                     f"{cuda.get('batch_64', {}).get('p50', '')} | {note} |")
+
+    # 3. CUDA against CPU predictions of the trained teacher
+    teacher = report.row("teacher")
+    from kdcompress.artifacts import load_module
+
+    model = load_module(args.out / "flagship" / "stages" / "teacher")  # written just now
+    x, _ = task.arrays("test")
+    cpu = predict_logits(model, x)
+    dev = predict_logits(model, x, device=device)
+    agree = float((cpu.argmax(1) == dev.argmax(1)).float().mean())
+    lines += ["", "## Teacher on the device against the CPU (test split)", "",
+              f"argmax agreement {agree:.4f}, largest logit difference "
+              f"{float((cpu - dev).abs().max()):.2e}; teacher test accuracy {teacher.accuracy}"]
+    text = "\n".join(lines) + "\n"
+    (args.out / "gpu_check.md").write_text(text)
+    (args.out / "gpu_check.json").write_text(json.dumps(
+        {"plain_samples_per_s": plain, "train_samples_per_s": staged, "flagship_seconds": wall,
+         "agreement": agree}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
