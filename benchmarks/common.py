@@ -6,7 +6,9 @@ Benchmarks are scripts (``python benchmarks/NAME.py``), so this module is import
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -75,3 +77,33 @@ def side_by_side(runners: dict[str, Callable[[], object]], rounds: int) -> dict[
             run()
             times[k].append(time.perf_counter() - start)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+class ResultCache:
+    """Trained models (``models/KEY``) and measured numbers (``results.json``) under one folder,
+    both kept as soon as they exist, so a benchmark killed and run again redoes only what is
+    missing. ``model(key, build)`` loads the model saved under ``key`` or builds and saves it,
+    recording its training seconds in ``results["seconds"]``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.file = root / "results.json"
+        self.results = json.loads(self.file.read_text()) if self.file.is_file() else {}
+
+    def model(self, key: str, build):
+        folder = self.root / "models" / key
+        if (folder / WEIGHTS_FILE).is_file():
+            return load_module(folder)
+        start = time.perf_counter()
+        model = build()
+        self.results.setdefault("seconds", {})[key] = round(time.perf_counter() - start, 1)
+        self.save()
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        save_module(model, tmp)
+        tmp.rename(folder)
+        return model
+
+    def save(self) -> None:
+        self.file.write_text(json.dumps(self.results, indent=1, sort_keys=True))

@@ -37,17 +37,15 @@ with AdamW and cosine decay on the 55,000 training images (the last 5,000 are va
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import ResultCache  # benchmarks/common.py (scripts import it by name)
 
 from kdcompress import data, models
-from kdcompress.artifacts import WEIGHTS_FILE, load_module, save_module
 from kdcompress.augment import RandomCrop
 from kdcompress.context import StageContext
 from kdcompress.losses import CE, KD
@@ -58,33 +56,6 @@ from kdcompress.training import predict_logits
 PAPER = {"teacher": 67, "student": 146, "distilled": 74, "no3": 206, "no3_threes": 133,
          "no3_shifted": 109, "no3_shifted_threes": 14}
 TEMPERATURES = (1, 2, 4, 8, 16, 20)
-
-
-class Cache:
-    """Trained models and measured numbers under one folder; both survive a kill."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.file = root / "results.json"
-        self.results = json.loads(self.file.read_text()) if self.file.is_file() else {}
-
-    def model(self, key: str, build):
-        folder = self.root / "models" / key
-        if (folder / WEIGHTS_FILE).is_file():
-            return load_module(folder)
-        start = time.perf_counter()
-        model = build()
-        self.results.setdefault("seconds", {})[key] = round(time.perf_counter() - start, 1)
-        self.save()
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-        save_module(model, tmp)
-        tmp.rename(folder)
-        return model
-
-    def save(self) -> None:
-        self.file.write_text(json.dumps(self.results, indent=1, sort_keys=True))
 
 
 def errors(model, x: torch.Tensor, y: torch.Tensor, bias3: float = 0.0) -> tuple[int, int]:
@@ -124,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     task = data.mnist(args.data, train_limit=args.train_limit)
     limit = f"-n{args.train_limit}" if args.train_limit else ""
-    cache = Cache(args.cache / f"e{args.epochs}-lr{args.lr:g}{limit}")
+    cache = ResultCache(args.cache / f"e{args.epochs}-lr{args.lr:g}{limit}")
     x_test, y_test = task.arrays("test")
     started = time.perf_counter()
     lines = [f"## Hinton et al. 2015 on MNIST ({len(task.split('train'))} training images, "
