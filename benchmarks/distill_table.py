@@ -1,4 +1,5 @@
-"""The same small student on digits, trained alone and with each family of distillation loss.
+"""The same small student, trained alone and with each family of distillation loss (digits, or
+MNIST with ``--data``: the CRD/RepDistiller-style table).
 
 Two teachers are trained once with cross-entropy (a CNN and an MLP); the student, a CNN with 4
 and 8 channels, is trained by the ``distill`` stage with each loss under the same optimiser,
@@ -6,7 +7,14 @@ epochs and seeds, so only the loss differs. "alone" is ``distill(loss=CE())``, t
 without a teacher. Prints a markdown table of test accuracy (mean and standard deviation over
 the seeds).
 
-Usage: ``python benchmarks/distill_table.py [--seeds 3] [--epochs 20]``
+Usage::
+
+    python benchmarks/distill_table.py [--seeds 3] [--epochs 20]         # digits, a few minutes
+    python benchmarks/distill_table.py --data DIR [--epochs 10]          # MNIST, resumable
+
+On MNIST every trained model and accuracy is kept in ``--cache`` (default
+``runs/distill_table``), so a killed run resumes; a row whose difference from "student alone" is
+under twice its standard error is marked "within noise".
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+from common import ResultCache  # benchmarks/common.py (scripts import it by name)
 from torch import nn
 
 from kdcompress import data
@@ -30,13 +40,14 @@ from kdcompress.training import accuracy
 class SmallCNN(nn.Module):
     """Two conv blocks (``block1``, ``block2``), an embedding (``embed``) and a classifier."""
 
-    def __init__(self, width: int = 4, hidden: int = 16, classes: int = 10) -> None:
+    def __init__(self, width: int = 4, hidden: int = 16, classes: int = 10, side: int = 8) -> None:
         super().__init__()
         self.block1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width),
                                     nn.ReLU())
         self.block2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1),
                                     nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2))
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU())
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * (side // 2) ** 2, hidden),
+                                   nn.ReLU())
         self.fc = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +57,9 @@ class SmallCNN(nn.Module):
 class MLP(nn.Module):
     """A two-layer perceptron on the flattened image (the second, different teacher)."""
 
-    def __init__(self, hidden: int = 256, classes: int = 10) -> None:
+    def __init__(self, hidden: int = 256, classes: int = 10, side: int = 8) -> None:
         super().__init__()
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU())
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(side * side, hidden), nn.ReLU())
         self.fc = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,38 +86,66 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--data", default=None,
+                        help="MNIST folder (the four IDX files); digits when not given")
+    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=Path("runs/distill_table"))
     args = parser.parse_args()
-    task = data.digits()
+    task = data.mnist(args.data, train_limit=args.train_limit) if args.data else data.digits()
+    side = task.input_shape[-1]
+    limit = f"-n{args.train_limit}" if args.train_limit else ""
+    cache = ResultCache(args.cache / f"{task.name}-e{args.epochs}-lr{args.lr:g}{limit}")
+    accuracies = cache.results.setdefault("accuracy", {})
     start = time.perf_counter()
+
+    def scored(key: str, build) -> float:
+        if key not in accuracies:
+            accuracies[key] = accuracy(cache.model(key, build), task, "test")
+            cache.save()
+        return accuracies[key]
+
     teachers = {
-        "cnn": train(SmallCNN(width=16, hidden=128), epochs=20, data=task),
-        "mlp": train(MLP(), epochs=20, data=task),
+        "cnn": cache.model("teacher-cnn", lambda: train(
+            SmallCNN(width=16, hidden=128, side=side), epochs=20, data=task)),
+        "mlp": cache.model("teacher-mlp", lambda: train(MLP(side=side), epochs=20, data=task)),
     }
     rows = [(f"teacher CNN ({_params(teachers['cnn'])} params)",
-             [accuracy(teachers["cnn"], task, "test")]),
+             [scored("teacher-cnn", lambda: teachers["cnn"])]),
             (f"teacher MLP ({_params(teachers['mlp'])} params)",
-             [accuracy(teachers["mlp"], task, "test")])]
-    for name, (which, loss) in methods().items():
+             [scored("teacher-mlp", lambda: teachers["mlp"])])]
+    for index, (name, (which, loss)) in enumerate(methods().items()):
         teacher = {"none": None, "cnn": teachers["cnn"],
                    "both": [teachers["cnn"], teachers["mlp"]]}[which]
         accs = []
         for seed in range(args.seeds):
-            ctx = StageContext.standalone("student", task, seed=seed)
-            torch.manual_seed(seed)
-            student = SmallCNN()
-            out = distill(student, teacher, loss=loss, epochs=args.epochs, lr=args.lr,
-                          teacher_weighting="confidence", ctx=ctx)
-            accs.append(accuracy(out, task, "test"))
+            def build(seed=seed, teacher=teacher, loss=loss):
+                ctx = StageContext.standalone("student", task, seed=seed)
+                torch.manual_seed(seed)
+                return distill(SmallCNN(side=side), teacher, loss=loss, epochs=args.epochs,
+                               lr=args.lr, teacher_weighting="confidence", ctx=ctx)
+            accs.append(scored(f"m{index}-s{seed}", build))
         rows.append((name, accs))
         print(f"{name}: {accs} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    print(f"digits (1797 8x8 images; {len(task.split('test'))} test), student SmallCNN "
-          f"({_params(SmallCNN())} params), {args.epochs} epochs, lr {args.lr}, batch 64, "
-          f"seeds 0..{args.seeds - 1}, {time.perf_counter() - start:.0f} s\n")
-    print("| model / loss | test accuracy (%) | std |")
-    print("|---|---:|---:|")
+    size = f"{len(task.split('train'))} training images" if args.data else "1797 8x8 images"
+    print(f"{task.name} ({size}; {len(task.split('test'))} test), student SmallCNN "
+          f"({_params(SmallCNN(side=side))} params), {args.epochs} epochs, lr {args.lr}, "
+          f"batch 64, seeds 0..{args.seeds - 1}; this run {time.perf_counter() - start:.0f} s, "
+          f"training of every model {sum(cache.results.get('seconds', {}).values()):.0f} s\n")
+    alone = rows[2][1]
+    print("| model / loss | test accuracy (%) | std | vs student alone |")
+    print("|---|---:|---:|---|")
     for name, accs in rows:
         std = statistics.stdev(accs) * 100 if len(accs) > 1 else 0.0
-        print(f"| {name} | {statistics.mean(accs) * 100:.2f} | {std:.2f} |")
+        print(f"| {name} | {statistics.mean(accs) * 100:.2f} | {std:.2f} | "
+              f"{_versus(accs, alone) if accs is not alone and len(accs) > 1 else ''} |")
+
+
+def _versus(accs: list[float], alone: list[float]) -> str:
+    """The difference in points, "within noise" under twice its standard error."""
+    diff = 100 * (statistics.mean(accs) - statistics.mean(alone))
+    error = 100 * (statistics.variance(accs) / len(accs)
+                   + statistics.variance(alone) / len(alone)) ** 0.5
+    return f"{diff:+.2f}" + (" (within noise)" if abs(diff) < 2 * error else "")
 
 
 def _params(model: nn.Module) -> int:
