@@ -62,7 +62,7 @@ from kdcompress.report import Report
 from kdcompress.search.bestfile import write_best_file
 from kdcompress.search.front import FrontPoint, SearchResult, TrialSummary, pareto
 from kdcompress.search.live import SearchProgress
-from kdcompress.search.space import Choice, Param, values_text
+from kdcompress.search.space import Choice, Param, _same, values_text
 from kdcompress.search.trial import Heartbeat, TrialObserver
 from kdcompress.store import pid_alive
 
@@ -106,6 +106,12 @@ class SearchConfig:
         stage and epoch) or ``"none"``.
     startup_trials : int
         Trials sampled at random before TPE models the results; NSGA-II's population size.
+    screen : bool
+        Before the sampler proposes anything, try the defaults, then each parameter's other
+        values one at a time with the rest at their defaults (every other choice; the two ends
+        of a range), the parameters of the last stages first: those trials recompute only the
+        stages after the changed one, so a search's first minutes explore every axis at the
+        cost of a few cheap stages (:meth:`Search.screening`).
     seed : int
         Seeds the sampler (the k-th worker to join a study uses ``seed + k``).
     storage : str, optional
@@ -124,6 +130,7 @@ class SearchConfig:
     sampler: str = "tpe"
     pruner: str = "budget"
     startup_trials: int = 8
+    screen: bool = True
     seed: int = 0
     storage: str | None = None
     study_name: str | None = None
@@ -311,6 +318,42 @@ class Search:
         study.sampler = self._sampler(self.config.seed + workers)
         return study
 
+    def screening(self) -> list[tuple[str, dict[str, Any]]]:
+        """The one-at-a-time trials queued after the defaults: ``(parameter, values)``.
+
+        Parameters of later stages come first (a trial that changes only the export recomputes
+        the export and what follows; one that changes the TT rank recomputes nearly
+        everything). Each parameter takes every value of a choice but its default, and the two
+        ends of a range that are not its default.
+        """
+        if not all(p.has_default for p in self.params.values()):
+            return []
+        defaults = {n: p.default for n, p in self.params.items()}
+        out = []
+        for name in reversed(list(self.params)):
+            param = self.params[name]
+            if isinstance(param, Choice):
+                values = list(param.values)
+            else:
+                values = [param.low, param.high]  # type: ignore[attr-defined]
+            for value in values:
+                if not _same(value, param.default):
+                    out.append((f"{name}={_readable(value)!r}", {**defaults, name: value}))
+        return out
+
+    def _queue_screening(self, trials: list[Any]) -> None:
+        """Queue the next screening trial not in the study yet (one at a time, so that values
+        queued again after a worker died run first)."""
+        if not self.config.screen:
+            return
+        done = {t.user_attrs.get("screen") for t in trials}
+        for name, values in self.screening():
+            if name not in done:
+                self.study.enqueue_trial({n: _encode(p, values[n])
+                                          for n, p in self.params.items()},
+                                         user_attrs={"screen": name})
+                return
+
     def _sampler(self, seed: int) -> Any:
         import optuna
 
@@ -458,10 +501,11 @@ class Search:
                     self.progress.warn(f"every one of the {self.space_size} value sets of the "
                                        "space has been tried")
                     return None
+                self._queue_screening(trials)
             trial = self.study.ask()
             trial.set_user_attr("worker", self.worker)
             trial.set_user_attr("heartbeat", time.time())
-        queued = "retry_of" in trial.user_attrs or "default" in trial.user_attrs
+        queued = any(k in trial.user_attrs for k in ("retry_of", "default", "screen"))
         before = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
         if not queued and len(self._counts(before)) >= total:
             # a worker on another machine took the last trial at the same moment
@@ -628,7 +672,8 @@ class Search:
     def summary(self, t: Any) -> TrialSummary:
         """A study trial as a :class:`TrialSummary`."""
         attrs = t.user_attrs
-        note = attrs.get("note", "")
+        note = attrs.get("note", "") or (f"screening {attrs['screen']}" if "screen" in attrs
+                                         else "")
         state = t.state.name.lower().replace("fail", "failed")
         if state == "failed" and not note:
             retry = self._retries(self.study.get_trials(deepcopy=False)).get(t.number)

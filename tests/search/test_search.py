@@ -319,3 +319,21 @@ def test_one_point_best_at_both_objectives_lists_each_objectives_files():
     md = markdown(result.to_dict())
     assert "- best size: trial 3: `best-size.py`, `best-size.onnx`\n" in md
     assert "- best latency: trial 3: `best-latency.py`, `best-latency.onnx`\n" in md
+
+
+def test_after_the_defaults_each_parameter_is_screened_last_stage_first(searched):
+    """Trials 1-5 change one parameter each from the defaults, the fine-tuning stage's first:
+    they reuse the teacher and (for the tuned stage's values) the student from the cache."""
+    trials = searched["result"].trials
+    defaults = {"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.002}
+    changed = [{k: v for k, v in t.values.items() if v != defaults[k]} for t in trials[1:6]]
+    assert changed == [{"tuned.lr": 0.001}, {"tuned.lr": 0.003}, {"tuned.epochs": 2},
+                       {"student.rank": 1}, {"student.rank": 4}]
+    assert all(t.note.startswith("screening ") for t in trials[1:6])
+    assert all("student" in t.cached for t in trials[1:4])  # only the tuned stage recomputed
+    flagship = Search(load_pipeline(PIPELINES.parents[2] / "pipelines"
+                                    / "tt_distill_quant_search.py"),
+                      SearchConfig(), RunOptions(out=searched["run"].parent / "unused"))
+    assert [name for name, _ in flagship.screening()] == [
+        "fp32.tt_export='auto'", "pruned.ratio=0.0", "pruned.ratio=0.6", "student.rank=2",
+        "student.rank=12"]
