@@ -79,6 +79,29 @@ def side_by_side(runners: dict[str, Callable[[], object]], rounds: int) -> dict[
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
+def reproduction_arguments(parser: argparse.ArgumentParser, *, cache: str, epochs: int) -> None:
+    """The options of the reproduction benchmarks (MNIST, resumable)."""
+    parser.add_argument("--data", default=os.environ.get(data.DATA_ENV),
+                        help="folder with the four MNIST IDX files (or set KDCOMPRESS_DATA)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--cache", type=Path, default=Path(cache))
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="first N training images only (a quick check, not the result)")
+
+
+def reproduction_setup(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       tag: str) -> tuple[data.Task, ResultCache]:
+    """MNIST and the result cache ``CACHE/e<epochs>-<tag>[-n<limit>]``; all CPU threads."""
+    import torch
+
+    if not args.data:
+        parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
+    torch.set_num_threads(os.cpu_count() or 1)
+    task = data.mnist(args.data, train_limit=args.train_limit)
+    limit = f"-n{args.train_limit}" if args.train_limit else ""
+    return task, ResultCache(args.cache / f"e{args.epochs}-{tag}{limit}")
+
+
 class ResultCache:
     """Trained models (``models/KEY``) and measured numbers (``results.json``) under one folder,
     both kept as soon as they exist, so a benchmark killed and run again redoes only what is

@@ -43,7 +43,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import ResultCache  # benchmarks/common.py (scripts import it by name)
+from common import (  # benchmarks/common.py (scripts import it by name)
+    reproduction_arguments,
+    reproduction_setup,
+)
 
 from kdcompress import data, models
 from kdcompress.augment import RandomCrop
@@ -79,23 +82,13 @@ def best_bias3(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get(data.DATA_ENV),
-                        help="folder with the four MNIST IDX files (or set KDCOMPRESS_DATA)")
-    parser.add_argument("--epochs", type=int, default=30)
+    reproduction_arguments(parser, cache="runs/hinton_mnist", epochs=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parts", nargs="+", default=["main", "transfer", "sweep"],
                         choices=["main", "transfer", "sweep"])
-    parser.add_argument("--cache", type=Path, default=Path("runs/hinton_mnist"))
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train-limit", type=int, default=None,
-                        help="first N training images only (a quick check, not the result)")
     args = parser.parse_args()
-    if not args.data:
-        parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
-    torch.set_num_threads(os.cpu_count() or 1)
-    task = data.mnist(args.data, train_limit=args.train_limit)
-    limit = f"-n{args.train_limit}" if args.train_limit else ""
-    cache = ResultCache(args.cache / f"e{args.epochs}-lr{args.lr:g}{limit}")
+    task, cache = reproduction_setup(parser, args, f"lr{args.lr:g}")
     x_test, y_test = task.arrays("test")
     started = time.perf_counter()
     lines = [f"## Hinton et al. 2015 on MNIST ({len(task.split('train'))} training images, "

@@ -33,10 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ResultCache  # benchmarks/common.py (scripts import it by name)
+from common import (  # benchmarks/common.py (scripts import it by name)
+    reproduction_arguments,
+    reproduction_setup,
+)
 from torch import nn
 
-from kdcompress import data
 from kdcompress.context import StageContext
 from kdcompress.layers import TTLinear, tensorize
 from kdcompress.losses import CE, KD
@@ -98,19 +100,10 @@ def tt_params(rank: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get(data.DATA_ENV))
-    parser.add_argument("--epochs", type=int, default=10)
+    reproduction_arguments(parser, cache="runs/tt_ladder_mnist", epochs=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=Path("runs/tt_ladder_mnist"))
-    parser.add_argument("--train-limit", type=int, default=None,
-                        help="first N training images only (a quick check, not the result)")
     args = parser.parse_args()
-    if not args.data:
-        parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
-    torch.set_num_threads(os.cpu_count() or 1)
-    task = data.mnist(args.data, train_limit=args.train_limit)
-    limit = f"-n{args.train_limit}" if args.train_limit else ""
-    cache = ResultCache(args.cache / f"e{args.epochs}-s{args.seed}{limit}")
+    task, cache = reproduction_setup(parser, args, f"s{args.seed}")
     x_test, y_test = task.arrays("test")
     measured = cache.results.setdefault("errors", {})
     started = time.perf_counter()
