@@ -363,13 +363,35 @@ class TTLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------
 
     def _expand_input(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_features) -> (B, N): zero padding, or the gather left by input pruning."""
+        """(B, in_features) -> (B, N): zero padding, or the gather left by input pruning.
+
+        ``input_index`` holds, for each position of the padded input, the input feature it
+        reads (``in_features``: zero); or, when its length is ``N / b``, the same for blocks of
+        ``b`` consecutive features (a pruned channel of a flattened feature map), ``b`` times
+        smaller.
+        """
         n_pad = math.prod(self.in_modes)
         if self.input_index is not None:
-            return F.pad(x, (0, 1)).index_select(1, self.input_index)
+            block = n_pad // self.input_index.numel()
+            if block == 1:
+                return F.pad(x, (0, 1)).index_select(1, self.input_index)
+            blocks = F.pad(x.reshape(x.shape[0], -1, block), (0, 0, 0, 1))
+            return blocks.index_select(1, self.input_index).reshape(x.shape[0], n_pad)
         if n_pad > self.in_features:
             return F.pad(x, (0, n_pad - self.in_features))
         return x
+
+    def feature_index(self) -> torch.Tensor:
+        """``input_index`` per padded input position (``in_features``: zero), expanded from
+        blocks when it is stored per block."""
+        index = self.input_index
+        if index is None:
+            return torch.clamp(torch.arange(math.prod(self.in_modes)), max=self.in_features)
+        block = math.prod(self.in_modes) // index.numel()
+        if block == 1:
+            return index.long()
+        features = (index.long()[:, None] * block + torch.arange(block, device=index.device))
+        return torch.clamp(features.reshape(-1), max=self.in_features)
 
     def _contract_left(self, x: torch.Tensor) -> torch.Tensor:
         # state (B, M_{<k}, r_{k-1}, n_k, N_{>k}): core k multiplies the (r_{k-1} n_k) axis in
@@ -409,7 +431,7 @@ class TTLinear(nn.Module):
         w = w.reshape(math.prod(m), math.prod(n))[: self.out_features]  # (out, N)
         if self.input_index is not None:
             cols = w.new_zeros(self.out_features, self.in_features + 1)
-            return cols.index_add(1, self.input_index, w)[:, : self.in_features]
+            return cols.index_add(1, self.feature_index(), w)[:, : self.in_features]
         return w[:, : self.in_features]
 
     def _plan(self) -> tuple[bool, int, int, int]:

@@ -95,18 +95,18 @@ class TTLinearPruner(tp.pruner.BasePruningFunc):
 
     @staticmethod
     def _gather_inputs(layer: TTLinear, pruned: list[int]) -> None:
-        n_in, n_pad = layer.in_features, math.prod(layer.in_modes)
-        index = layer.input_index
-        if index is None:  # position p of the padded input reads feature p (n_in: zero)
-            index = torch.clamp(torch.arange(n_pad), max=n_in)
+        n_in = layer.in_features
+        index = layer.feature_index().cpu()  # padded position -> feature (n_in: zero)
         keep = torch.ones(n_in + 1, dtype=torch.bool)
         keep[pruned] = False
         new_n_in = n_in - len(pruned)
         position = torch.cumsum(keep.long(), 0) - 1  # old feature -> new feature
         position[~keep] = new_n_in
         position[n_in] = new_n_in
-        # int32: the gather index is an initializer of the exported graph, half the bytes of int64
-        layer.input_index = position[index.cpu().long()].to(torch.int32).to(layer.core0.device)
+        # int32 and per block where it can be: the index is an initializer of the exported graph
+        # (a pruned conv channel feeding a flattened layer is one block of H x W features)
+        layer.input_index = _per_block(position[index], new_n_in).to(torch.int32) \
+            .to(layer.core0.device)
         layer.in_features = new_n_in
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
@@ -119,6 +119,23 @@ class TTLinearPruner(tp.pruner.BasePruningFunc):
 
     def get_in_channels(self, layer: nn.Module) -> int:
         return layer.in_features
+
+
+def _per_block(index: torch.Tensor, n_in: int) -> torch.Tensor:
+    """``index`` (padded position -> feature, ``n_in``: zero) stored per block of ``b``
+    positions when every block reads ``b`` consecutive features starting at a multiple of ``b``
+    (or only zeros), with the largest such ``b``; else ``index`` itself."""
+    n = index.numel()
+    for block in sorted((b for b in range(2, math.gcd(n, n_in) + 1)
+                         if n % b == 0 and n_in % b == 0), reverse=True):
+        rows = index.reshape(-1, block)
+        first = rows[:, :1]
+        zero = (rows == n_in).all(1)
+        run = (rows == first + torch.arange(block)).all(1) & (first[:, 0] % block == 0)
+        if bool((zero | run).all()):
+            return torch.where(zero, torch.full_like(first[:, 0], n_in // block),
+                               first[:, 0] // block)
+    return index
 
 
 class TTConv2dPruner(tp.pruner.BasePruningFunc):

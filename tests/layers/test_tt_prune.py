@@ -237,6 +237,30 @@ def test_a_trace_torch_pruning_cannot_read_is_a_stage_error(digits_task, monkeyp
         prune(student, ratio=0.5, recovery_epochs=0, data=digits_task)
 
 
+def test_pruned_channels_gather_per_block() -> None:
+    """Pruning whole channels of a flattened feature map (blocks of H x W inputs) stores the
+    gather per block, H x W times smaller, and computes what the dense layer with those columns
+    removed computes; a second round composes."""
+    torch.manual_seed(0)
+    dense = nn.Linear(16 * 49, 30).double()  # 16 channels of 7 x 7, modes 16*49 = 784
+    tt = TTLinear.from_linear(dense, in_modes=(4, 14, 14), out_modes=(2, 3, 5))
+    channels = [1, 6, 7, 12]
+    pruned = [c * 49 + k for c in channels for k in range(49)]
+    TTLinearPruner().prune_in_channels(tt, pruned)
+    assert tt.input_index.numel() == 784 // 49 and tt.input_index.dtype == torch.int32
+    keep = [i for i in range(784) if i not in set(pruned)]
+    x = torch.randn(3, len(keep), dtype=torch.float64)
+    assert torch.allclose(tt(x), x @ dense.weight[:, keep].T + dense.bias, atol=1e-10)
+    assert torch.allclose(tt.full_weight(), dense.weight[:, keep], atol=1e-10)
+    TTLinearPruner().prune_in_channels(tt, list(range(49)))  # channel 0 goes too
+    keep2 = keep[49:]
+    assert tt.input_index.numel() == 16
+    assert torch.allclose(tt(x[:, 49:]), x[:, 49:] @ dense.weight[:, keep2].T + dense.bias,
+                          atol=1e-10)
+    TTLinearPruner().prune_in_channels(tt, [3])  # one feature: back to a per-feature gather
+    assert tt.input_index.numel() == 784
+
+
 def test_pruned_ttlinear_gather_exports_int32(tmp_path) -> None:
     """The gather left by input pruning is an int32 initializer of the ONNX graph (half the
     bytes of int64) and ONNX Runtime computes the same outputs."""
