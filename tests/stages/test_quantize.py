@@ -276,7 +276,9 @@ def test_max_drop_reverts_the_fragile_node_and_stops_there(mlp2, task):
     full = quantize_onnx(fp32, mode="static", data=task)
     assert val_top1(full, task) < val_top1(fp32, task) - 0.5  # int8 destroys fc2
     ctx = StageContext.standalone("int8", task)
-    int8 = quantize_onnx(fp32, mode="static", max_drop=2.0, ctx=ctx)
+    # fc2 alone in int8 costs > 50 points; every other node costs < 2, and all of them together
+    # about 2 (4 of 180 validation images): a budget of 3 points reverts fc2 and stops there
+    int8 = quantize_onnx(fp32, mode="static", max_drop=3.0, ctx=ctx)
     d = ctx.details
     assert [r["node"] for r in d["reverted"]] == [fc2]
     assert d["reverted"][0]["drop"] > 50 and d["node_costs"][0]["node"] == fc2
@@ -284,7 +286,7 @@ def test_max_drop_reverts_the_fragile_node_and_stops_there(mlp2, task):
     assert d["val_accuracy_fp32"] == pytest.approx(val_top1(fp32, task))
     assert d["val_accuracy_int8"] == pytest.approx(val_top1(full, task))
     assert d["val_accuracy"] == pytest.approx(val_top1(int8, task))  # the graph returned
-    assert d["val_accuracy"] >= d["val_accuracy_fp32"] - 0.02
+    assert d["val_accuracy"] >= d["val_accuracy_fp32"] - 0.03
     assert d["reverted"][0]["accuracy_after"] == d["val_accuracy"]
     assert d["quantized_nodes"] == {"Gemm": 2} and d["fp32_compute_nodes"] == {"Gemm": 1}
     assert d["calibration_passes"] == 1
@@ -351,11 +353,11 @@ def test_report_shows_the_reverted_nodes(mlp2, task, fast_measure, tmp_path):
     teacher = pipeline.stage(train, out="teacher", model=models.mlp(hidden=(32, 32)), epochs=6)
     fragile = pipeline.stage(make_fc2_fragile, out="fragile", model=teacher)
     fp32 = pipeline.stage(export_onnx, out="fp32", model=fragile)
-    pipeline.stage(quantize_onnx, out="int8", model=fp32, mode="static", max_drop=2.0)
+    pipeline.stage(quantize_onnx, out="int8", model=fp32, mode="static", max_drop=3.0)
     pipeline.run(out=tmp_path / "run", measure=fast_measure, plot=False)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     details = next(r for r in report["stages"] if r["name"] == "int8")["details"]
     assert [r["node"] for r in details["reverted"]] == [fc2]
-    assert details["val_accuracy"] >= details["val_accuracy_fp32"] - 0.02
+    assert details["val_accuracy"] >= details["val_accuracy_fp32"] - 0.03
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert f'- reverted: `[{{"node": "{fc2}", "op": "Gemm"' in markdown
