@@ -77,10 +77,12 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get(data.DATA_ENV),
                         help="folder with the four MNIST IDX files (or set KDCOMPRESS_DATA)")
     parser.add_argument("--out", type=Path, default=Path("runs/flagship_full_mnist"))
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="first N training images only (a quick check, not the result)")
     args = parser.parse_args()
     if not args.data:
         parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
-    task = data.mnist(args.data)
+    task = data.mnist(args.data, train_limit=args.train_limit)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     report = run(load_pipeline(ROOT / "pipelines" / "tt_distill_quant.py"),
