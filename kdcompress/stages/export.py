@@ -255,7 +255,7 @@ def _narrow_gather_indices(proto: Any) -> int:
     for node in graph.node:
         for slot, name in enumerate(node.input):
             readers.setdefault(name, set()).add((node.op_type, slot))
-    narrowed = 0
+    narrowed: set[str] = set()
     for k, init in enumerate(graph.initializer):
         if init.data_type != TensorProto.INT64 or readers.get(init.name) != {("Gather", 1)}:
             continue
@@ -263,14 +263,12 @@ def _narrow_gather_indices(proto: Any) -> int:
         info = np.iinfo(np.int32)
         if values.size and (values.min() < info.min or values.max() > info.max):
             continue
+        narrowed.add(init.name)
         graph.initializer[k].CopyFrom(numpy_helper.from_array(values.astype(np.int32), init.name))
-        narrowed += 1
-    if narrowed:  # value_info may still declare the int64 type
-        names = {init.name for init in graph.initializer}
-        for info_proto in graph.value_info:
-            if info_proto.name in names:
-                info_proto.type.tensor_type.elem_type = TensorProto.INT32
-    return narrowed
+    for info_proto in graph.value_info:  # value_info may still declare them int64
+        if info_proto.name in narrowed:
+            info_proto.type.tensor_type.elem_type = TensorProto.INT32
+    return len(narrowed)
 
 
 def _ort_optimize(raw: Path) -> Any:

@@ -228,3 +228,28 @@ def test_tt_layers_export_factorized_or_dense(trained, task):
         expected = ["classifier.fc1"] if mode == "dense" else []
         assert ctx.details["materialised_tt_layers"] == expected
     assert ops["factorized"].get("MatMul", 0) >= 2 and "MatMul" not in ops["dense"]
+
+
+def test_only_gather_indices_are_narrowed_and_their_value_info_with_them():
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kdcompress.stages.export import _narrow_gather_indices
+
+    idx = numpy_helper.from_array(np.array([2, 0, 1], dtype=np.int64), "idx")
+    shape = numpy_helper.from_array(np.array([1, 3], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["x", "idx"], ["g"], axis=1),
+         helper.make_node("Reshape", ["g", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [idx, shape],
+        value_info=[helper.make_tensor_value_info(n, TensorProto.INT64, [k])
+                    for n, k in (("idx", 3), ("shape", 2))])
+    proto = helper.make_model(graph)
+    assert _narrow_gather_indices(proto) == 1
+    types = {i.name: i.data_type for i in proto.graph.initializer}
+    infos = {v.name: v.type.tensor_type.elem_type for v in proto.graph.value_info}
+    assert types == {"idx": TensorProto.INT32, "shape": TensorProto.INT64}
+    assert infos == {"idx": TensorProto.INT32, "shape": TensorProto.INT64}
+    onnx.checker.check_model(proto)
