@@ -345,7 +345,6 @@ class _Loop:
         per_epoch = len(self.loader(ctx.seed))
         self.optimizer, self.scheduler = make_optimizer(
             self.trainable, self.config, total_steps=self.config.epochs * per_epoch)
-        self.amp = self.autocast is not None
         self.scaler = torch.amp.GradScaler("cuda") if scaled else None
         self.net = distributed.wrap(model, ctx.device) if parallel else model
         self.steps = 0
@@ -513,7 +512,7 @@ def _likely_cause(local: float, x: Tensor, loop: _Loop) -> str:
         not bool(torch.isfinite(p).all()) for p in loop.trainable) else ""
     clip = "" if config.grad_clip is not None else " or clip gradients (grad_clip=1.0)"
     fp16 = ("; under mixed precision the low-precision activations may overflow too: try "
-            "precision='fp32'") if loop.amp else ""
+            "precision='fp32'") if loop.autocast is not None else ""
     return (f"Likely cause: the learning rate lr={config.lr:g} is too high{weights}; lower it "
             f"(e.g. lr={config.lr / 10:g}){clip}{fp16}")
 

@@ -22,19 +22,7 @@ from kdcompress.placement import (
     make_sampler,
 )
 from kdcompress.stages import distill, train
-from kdcompress.training import FitConfig, accuracy, fit
-
-
-class _Indexed(Dataset):
-    def __init__(self, inner: Dataset) -> None:
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, i: int):
-        x, y = self.inner[i]
-        return x, y, i
+from kdcompress.training import FitConfig, _Indexed, accuracy, fit
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
