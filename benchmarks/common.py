@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -127,6 +128,14 @@ class ResultCache:
         save_module(model, tmp)
         tmp.rename(folder)
         return model
+
+    def number(self, table: str, key: str, compute: Callable[[], Any]) -> Any:
+        """``results[table][key]``, computed by ``compute()`` and saved the first time."""
+        values = self.results.setdefault(table, {})
+        if key not in values:
+            values[key] = compute()
+            self.save()
+        return values[key]
 
     def save(self) -> None:
         self.file.write_text(json.dumps(self.results, indent=1, sort_keys=True))

@@ -95,14 +95,11 @@ def main() -> None:
     side = task.input_shape[-1]
     limit = f"-n{args.train_limit}" if args.train_limit else ""
     cache = ResultCache(args.cache / f"{task.name}-e{args.epochs}-lr{args.lr:g}{limit}")
-    accuracies = cache.results.setdefault("accuracy", {})
     start = time.perf_counter()
 
     def scored(key: str, build) -> float:
-        if key not in accuracies:
-            accuracies[key] = accuracy(cache.model(key, build), task, "test")
-            cache.save()
-        return accuracies[key]
+        return cache.number("accuracy", key,
+                            lambda: accuracy(cache.model(key, build), task, "test"))
 
     teachers = {
         "cnn": cache.model("teacher-cnn", lambda: train(

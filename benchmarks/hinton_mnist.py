@@ -115,10 +115,7 @@ def main() -> None:
     measured = cache.results.setdefault("errors", {})
 
     def count(key: str, build) -> int:
-        if key not in measured:
-            measured[key] = errors(build(), x_test, y_test)[0]
-            cache.save()
-        return measured[key]
+        return cache.number("errors", key, lambda: errors(build(), x_test, y_test)[0])
 
     if "main" in args.parts:
         rows = {name: [count(f"{name}-s{s}", lambda s=s, f=fn: f(s)) for s in args.seeds]
