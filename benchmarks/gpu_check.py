@@ -95,13 +95,14 @@ def plain_loop(task: data.Task, device: torch.device, batch: int, lr: float, epo
 
 
 def stage_throughput(task: data.Task, device: torch.device, batch: int, lr: float,
-                     epochs: int) -> tuple[float, dict]:
+                     epochs: int, precision: str = "auto") -> tuple[float, dict]:
     """Samples per second of the ``train`` stage (its per-epoch validation included)."""
     ctx = StageContext.standalone("teacher", task, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    train(models.cnn(width=64), epochs=epochs, batch_size=batch, lr=lr, ctx=ctx)
+    train(models.cnn(width=64), epochs=epochs, batch_size=batch, lr=lr, precision=precision,
+          ctx=ctx)
     sync()
     samples = epochs * (len(task.split("train")) // batch) * batch
     return samples / (time.perf_counter() - start), ctx.details
@@ -125,26 +126,45 @@ def main() -> int:
     task = data.digits() if args.smoke or not args.data else data.mnist(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    lines = [f"# GPU check on {name}",
-             "", f"torch {torch.__version__}, data {task.name} "
-             f"({len(task.split('train'))} training images)", ""]
+    report_md = args.out / "gpu_check.md"
+    report_md.write_text("")
+    figures: dict = {}
 
-    # 1. throughput, side by side, at the batch the train stage picks for this device
+    def emit(*lines: str) -> None:  # each section as soon as it is measured (a killed run keeps it)
+        text = "\n".join(lines) + "\n"
+        print(text, flush=True)
+        with report_md.open("a") as f:
+            f.write(text)
+        (args.out / "gpu_check.json").write_text(json.dumps(figures, indent=2))
+
+    emit(f"# GPU check on {name}", "", f"torch {torch.__version__}, data {task.name} "
+         f"({len(task.split('train'))} training images)", "")
+
+    # 1. throughput, side by side: the batch the train stage picks for this device, and 64
     choice = auto_batch(None, 2e-3, samples=len(task.split("train")), device=device,
                         optimizer="adamw")
-    precision = torch.float16 if device.type == "cuda" else None
     epochs = 1 if args.smoke else 2
-    plain_loop(task, device, choice.batch_size, choice.lr, 1, precision)  # warm-up (cuDNN)
-    plain = plain_loop(task, device, choice.batch_size, choice.lr, epochs, precision)
-    staged, details = stage_throughput(task, device, choice.batch_size, choice.lr, epochs)
-    lines += ["## Training throughput (models.cnn(width=64))", "",
-              f"batch {choice.batch_size} ({choice.rule}), {epochs} epochs, "
-              f"precision {details.get('precision')}; data: "
-              f"{details['data_placement']['reason']}", "",
-              "| loop | samples/s |", "|---|---:|",
-              f"| plain, data on the device | {plain:,.0f} |",
-              f"| `train` stage (validation included) | {staged:,.0f} |",
-              "", f"ratio {staged / plain:.2f} (bar >= 0.80)", ""]
+    fp16 = torch.float16 if device.type == "cuda" else None
+    plain_loop(task, device, choice.batch_size, choice.lr, 1, fp16)  # warm-ups (cuDNN, imports)
+    stage_throughput(task, device, choice.batch_size, choice.lr, 1)
+    rows = []
+    settings = [(choice.batch_size, choice.lr, "auto", fp16), (64, 2e-3, "auto", fp16)]
+    if device.type == "cuda":
+        settings.append((choice.batch_size, choice.lr, "bf16", torch.bfloat16))
+    for batch, lr, precision, dtype in settings:
+        plain = plain_loop(task, device, batch, lr, epochs, dtype)
+        staged, details = stage_throughput(task, device, batch, lr, epochs, precision)
+        rows.append(f"| {batch} | {details.get('precision')} | {plain:,.0f} | {staged:,.0f} | "
+                    f"{staged / plain:.2f} |")
+        figures.setdefault("throughput", []).append(
+            {"batch": batch, "precision": details.get("precision"), "plain": plain,
+             "train": staged, "placement": details["data_placement"]["reason"]})
+    emit("## Training throughput (models.cnn(width=64))", "",
+         f"{epochs} epochs per loop; the batch the train stage picks here: {choice.batch_size} "
+         f"({choice.rule}); data: {details['data_placement']['reason']}", "",
+         "| batch | precision | plain loop, data on the device (samples/s) | `train` stage, "
+         "validation included (samples/s) | ratio (bar >= 0.80) |", "|---:|---|---:|---:|---:|",
+         *rows, "")
 
     # 2. the flagship end to end on the device
     start = time.perf_counter()
@@ -152,9 +172,10 @@ def main() -> int:
                  RunOptions(out=args.out / "flagship", device=str(device), fresh=True,
                             plot=False))
     wall = time.perf_counter() - start
-    lines += ["## Flagship end to end", "", f"{wall:.1f} s on {device} (bar < 60 s on full "
-              "MNIST)", "", "| stage | s | val | test | CPU b64 ms | CUDA b1 ms | CUDA b64 ms | "
-              "note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    figures["flagship_seconds"] = wall
+    lines = ["## Flagship end to end", "", f"{wall:.1f} s on {device} (bar < 60 s on full "
+             "MNIST)", "", "| stage | s | val | test | CPU b64 ms | CUDA b1 ms | CUDA b64 ms | "
+             "note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report.stages:
         cuda = r.latency_ms_cuda or {}
         note = r.timing.get("cuda", "")
@@ -162,25 +183,56 @@ def main() -> int:
                      f"{r.latency_ms['batch_64']['p50']} | "
                      f"{cuda.get('batch_1', {}).get('p50', '')} | "
                      f"{cuda.get('batch_64', {}).get('p50', '')} | {note} |")
+    fp32 = report.row("fp32")
+    lines += ["", f"export: tt_export {fp32.details.get('tt_export')!r}, timed on "
+              f"{fp32.details.get('tt_export_timed_on')}, layers made dense: "
+              f"{fp32.details.get('materialised_tt_layers')}"]
+    emit(*lines)
 
-    # 3. CUDA against CPU predictions of the trained teacher
-    teacher = report.row("teacher")
+    # 3. the exported student's form against the teacher, in PyTorch on the device
     from kdcompress.artifacts import load_module
+    from kdcompress.layers import materialize
+    from kdcompress.metrics import time_calls
 
-    model = load_module(args.out / "flagship" / "stages" / "teacher")  # written just now
+    stages = args.out / "flagship" / "stages"
+    teacher_model = load_module(stages / "teacher").to(device).eval()
+    pruned = load_module(stages / "pruned").eval()
+    example = task.example(64).float()
+    exported = materialize(pruned, mode="auto", example_input=example, device=device)[0]
+    forms = {"teacher": teacher_model, "student factorized": pruned,
+             "student as exported (auto, timed here)": exported,
+             "student all dense": materialize(pruned, mode="dense")[0]}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    lines = ["## The exported student's form against the teacher, PyTorch on the device", "",
+             "| model | b1 ms | b64 ms |", "|---|---:|---:|"]
+    timed: dict[str, dict] = {k: {} for k in forms}
+    with torch.inference_mode():
+        models_on = {k: m.to(device).eval() for k, m in forms.items()}
+        for b in (1, 64):
+            xb = task.example(b).float().to(device)
+            results = time_calls([lambda m=m, xb=xb: m(xb) for m in models_on.values()],
+                                 sync=sync)
+            for k, res in zip(models_on, results, strict=True):
+                timed[k][f"batch_{b}"] = res["p50"]
+    for k, t in timed.items():
+        lines.append(f"| {k} | {t['batch_1']} | {t['batch_64']} |")
+    figures["forms_ms"] = timed
+    ratio = (timed["student as exported (auto, timed here)"]["batch_64"]
+             / timed["teacher"]["batch_64"])
+    lines += ["", f"student as exported / teacher at b64: {ratio:.2f} (bar <= 1.00)"]
+    emit(*lines)
+
+    # 4. CUDA against CPU predictions of the trained teacher
+    teacher = report.row("teacher")
+    model = load_module(stages / "teacher")  # written just now
     x, _ = task.arrays("test")
     cpu = predict_logits(model, x)
     dev = predict_logits(model, x, device=device)
     agree = float((cpu.argmax(1) == dev.argmax(1)).float().mean())
-    lines += ["", "## Teacher on the device against the CPU (test split)", "",
-              f"argmax agreement {agree:.4f}, largest logit difference "
-              f"{float((cpu - dev).abs().max()):.2e}; teacher test accuracy {teacher.accuracy}"]
-    text = "\n".join(lines) + "\n"
-    (args.out / "gpu_check.md").write_text(text)
-    (args.out / "gpu_check.json").write_text(json.dumps(
-        {"plain_samples_per_s": plain, "train_samples_per_s": staged, "flagship_seconds": wall,
-         "agreement": agree}, indent=2))
-    print(text)
+    figures["agreement"] = agree
+    emit("", "## Teacher on the device against the CPU (test split)", "",
+         f"argmax agreement {agree:.4f}, largest logit difference "
+         f"{float((cpu - dev).abs().max()):.2e}; teacher test accuracy {teacher.accuracy}")
     return 0
 
 
