@@ -232,9 +232,12 @@ def main() -> int:
     dev = predict_logits(model.to(device), x, device=device)
     agree = float((cpu.argmax(1) == dev.argmax(1)).float().mean())
     figures["agreement"] = agree
+    _, y = task.arrays("test")
+    cpu_accuracy = float((cpu.argmax(1) == y).float().mean())
     emit("", "## Teacher on the device against the CPU (test split)", "",
          f"argmax agreement {agree:.4f}, largest logit difference "
-         f"{float((cpu - dev).abs().max()):.2e}; teacher test accuracy {teacher.accuracy}")
+         f"{float((cpu - dev).abs().max()):.2e}; teacher test accuracy {teacher.accuracy} as the "
+         f"run scored it on {device}, {cpu_accuracy:.6f} on the CPU")
     return 0
 
 

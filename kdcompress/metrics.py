@@ -45,7 +45,8 @@ class MeasureConfig:
     min_seconds : float
         Keep timing a batch size until this much time has passed, up to ``max_repeats``.
     cuda : bool
-        Also time torch models on the GPU.
+        Also time torch models on the GPU, and score them there (accuracy on the validation
+        and test splits; ONNX graphs are scored in ONNX Runtime on the CPU).
     """
 
     threads: int = 1
@@ -58,26 +59,46 @@ class MeasureConfig:
 
 
 def predict(
-    model: nn.Module | OnnxModel, x: torch.Tensor, *, batch_size: int = 512
+    model: nn.Module | OnnxModel, x: torch.Tensor, *, batch_size: int = 512,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Logits of a torch or ONNX model on ``x`` (CPU)."""
+    """Logits of a torch or ONNX model on ``x``, returned on the CPU.
+
+    A torch model runs on ``device`` (it must already be there); an ONNX graph always runs in
+    ONNX Runtime on the CPU.
+    """
     if isinstance(model, OnnxModel):
         return torch.cat([model.predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    return predict_logits(model, x, batch_size=batch_size)
+    return predict_logits(model, x, batch_size=batch_size, device=device)
 
 
 def predict_split(model: nn.Module | OnnxModel, task: Task, split: str, *,
-                  batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of a torch or ONNX model on one split of ``task`` and its labels (CPU).
+                  batch_size: int = 512, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a torch or ONNX model on one split of ``task`` and its labels (on the CPU).
 
     The split is streamed in batches (:meth:`~kdcompress.data.Task.batches`), so a data set
-    larger than memory is measured without being loaded whole.
+    larger than memory is measured without being loaded whole. A torch model runs on
+    ``device`` (it must already be there).
     """
     logits, labels = [], []
     for x, y in task.batches(split, batch_size=batch_size):
-        logits.append(predict(model, x, batch_size=batch_size))
+        logits.append(predict(model, x, batch_size=batch_size, device=device))
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
+
+
+@contextlib.contextmanager
+def _scoring_on(model: nn.Module | OnnxModel, device: str) -> Iterator[str]:
+    """Put a torch model on ``device`` while it is scored, back on the CPU afterwards."""
+    if isinstance(model, OnnxModel) or device == "cpu":
+        yield "cpu"
+        return
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to("cpu")
 
 
 def _batch(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -259,18 +280,20 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
     onnx = isinstance(model, OnnxModel)
     metric = Metric.resolve(metric)
     val_accuracy = val_score = None
-    if task.val is not None:
-        logits, yv = predict_split(model, task, "val")
-        val_accuracy = round(float((logits.argmax(1) == yv).float().mean()), 6)
-        val_score = round(metric(logits, yv), 6)
     accuracy = agreement = score = None
-    if test:
-        logits, y = predict_split(model, task, "test")
-        preds = logits.argmax(1)
-        accuracy = round(float((preds == y).float().mean()), 6)
-        score = round(metric(logits, y), 6)
-        if reference is not None:
-            agreement = round(float((preds == reference).float().mean()), 6)
+    # a CUDA run scores torch models on the GPU (ONNX graphs run in ONNX Runtime on the CPU)
+    with _scoring_on(model, "cuda" if config.cuda else "cpu") as device:
+        if task.val is not None:
+            logits, yv = predict_split(model, task, "val", device=device)
+            val_accuracy = round(float((logits.argmax(1) == yv).float().mean()), 6)
+            val_score = round(metric(logits, yv), 6)
+        if test:
+            logits, y = predict_split(model, task, "test", device=device)
+            preds = logits.argmax(1)
+            accuracy = round(float((preds == y).float().mean()), 6)
+            score = round(metric(logits, y), 6)
+            if reference is not None:
+                agreement = round(float((preds == reference).float().mean()), 6)
     # the timed inputs: the first samples of the split (as many as the largest batch timed)
     x = task.head("test" if test else task.eval_split, max(config.batch_sizes))
     row: dict[str, Any] = {
