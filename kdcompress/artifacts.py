@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -425,6 +426,41 @@ _SHAPES: dict[str, Callable[[dict[str, Any]], dict[str, tuple[int, ...]]]] = {
 }
 
 
+def _tt_input_index(module: nn.Module) -> str | None:
+    """What is wrong with a TTLinear's ``input_index`` (the gather its forward and its ONNX
+    graph run), or None: an index out of range would read another feature or fail at run
+    time."""
+    index = module._buffers.get("input_index")
+    if index is None:
+        return None
+    try:
+        n_pad = math.prod(int(n) for n in module.in_modes)
+        in_features = int(module.in_features)
+    except (AttributeError, TypeError, ValueError):
+        return "its in_modes or in_features are not integers"
+    if index.dtype not in (torch.int32, torch.int64) or index.ndim != 1 or index.numel() == 0:
+        return (f"input_index must be a non-empty 1-D int32/int64 tensor, but is "
+                f"{index.dtype} with shape {tuple(index.shape)}")
+    if n_pad % index.numel():
+        return (f"input_index has {index.numel()} entries, which do not divide the padded input "
+                f"size {n_pad}")
+    block = n_pad // index.numel()
+    if in_features % block:
+        return (f"input_index gathers blocks of {block} features, which do not divide "
+                f"in_features={in_features}")
+    lowest, highest = int(index.min()), int(index.max())
+    if lowest < 0 or highest > in_features // block:
+        return (f"input_index values must lie in [0, {in_features // block}] (the last one "
+                f"reads zeros), but range over [{lowest}, {highest}]")
+    return None
+
+
+#: Exact classes whose tensor values (not only shapes) are checked on load.
+_VALUE_CHECKS: dict[str, Callable[[nn.Module], str | None]] = {
+    "kdcompress.layers.tt:TTLinear": _tt_input_index,
+}
+
+
 def _expected_shapes(node: _Node) -> dict[str, tuple[int, ...]]:
     """Shapes the recipe implies for a known class; empty where they cannot be known."""
     rule = _SHAPES.get(node.name)
@@ -503,6 +539,12 @@ def _instantiate(node: _Node, weights: _Weights, prefix: str) -> nn.Module:
             module._buffers[name] = weights.take(prefix + name, f"{node.where}.{name}",
                                                  shapes.get(name))
     module._non_persistent_buffers_set = set(node.non_persistent)
+    check = _VALUE_CHECKS.get(node.name)
+    if check is not None:
+        problem = check(module)
+        if problem:
+            raise ArtifactError(f"{weights.source}: {node.where} ({node.name}): {problem}; the "
+                                "artifact is corrupt or was altered (recompute it: --fresh)")
     for name, child in node.children.items():
         module._modules[name] = None if child is None else _instantiate(
             child, weights, f"{prefix}{name}.")

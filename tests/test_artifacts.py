@@ -456,3 +456,47 @@ def test_unsupported_attribute_names_its_path(tmp_path):
     model[0].callback = object()
     with pytest.raises(ArtifactError, match=r"cannot save model\.0\.callback = <object"):
         save_module(model, tmp_path)
+
+
+def _gathering_tt(index: list[int]) -> TTLinear:
+    """TTLinear(6 -> 4) over a padded input of 8 that gathers its inputs through ``index``."""
+    layer = TTLinear(6, 4, in_modes=(2, 4), out_modes=(2, 2), ranks=(1, 2, 1))
+    layer.input_index = torch.tensor(index, dtype=torch.int32)
+    return layer
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 3, 4, 5, 6, 6], [0, 2, 1, 3]])  # per feature, block
+def test_a_gathering_tt_layer_round_trips(index, tmp_path):
+    layer = _gathering_tt(index)
+    save_module(layer, tmp_path / "m")
+    loaded = load_module(tmp_path / "m")
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(loaded(x), layer.eval()(x))
+
+
+@pytest.mark.parametrize(("index", "message"), [
+    ([0, 1, 2, 3, 4, 5, 6, 7], r"values must lie in \[0, 6\].*\[0, 7\]"),  # reads past the zero
+    ([0, 1, 2, 3, 4, 5, 6, -1], r"values must lie in \[0, 6\].*\[-1, 6\]"),
+    ([0, 2, 1, 4], r"values must lie in \[0, 3\]"),  # blocks of 2: three blocks and the zero
+    ([0, 1, 2], r"3 entries, which do not divide the padded input size 8"),
+])
+def test_tt_input_index_values_are_checked_on_load(index, message, tmp_path):
+    """An edited gather index would read another feature or fail mid-run: refused on load."""
+    save_module(_gathering_tt([0, 1, 2, 3, 4, 5, 6, 6]), tmp_path / "m")
+    weights = tmp_path / "m" / WEIGHTS_FILE
+    state = safetensors.torch.load_file(weights)
+    state["input_index"] = torch.tensor(index, dtype=torch.int32)
+    safetensors.torch.save_file(state, weights)
+    with pytest.raises(ArtifactError, match=message) as info:
+        load_module(tmp_path / "m")
+    assert "input_index" in str(info.value) and WEIGHTS_FILE in str(info.value)
+
+
+def test_a_float_tt_input_index_is_refused(tmp_path):
+    save_module(_gathering_tt([0, 1, 2, 3, 4, 5, 6, 6]), tmp_path / "m")
+    weights = tmp_path / "m" / WEIGHTS_FILE
+    state = safetensors.torch.load_file(weights)
+    state["input_index"] = state["input_index"].float()
+    safetensors.torch.save_file(state, weights)
+    with pytest.raises(ArtifactError, match="int32/int64"):
+        load_module(tmp_path / "m")
