@@ -23,7 +23,7 @@ from kdcompress.analysis import int8_sensitivity
 from kdcompress.artifacts import OnnxModel
 from kdcompress.errors import DataError, LayerError, StageError
 from kdcompress.stages import export_onnx, train
-from kdcompress.stages.quantize import Int8Graphs
+from kdcompress.stages.quantize import Int8Graphs, int8_reduce_range
 
 
 def fragile_fc2(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,6 +75,7 @@ def _brute_force(graph: OnnxModel, task: data.Task, node: str, samples: int, tmp
     x_cal = task.calibration(256, seed=0).numpy()
     quantize_static(str(pre), str(out), _Reader(graph.input_name, x_cal),
                     quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_quantize=[node],
+                    reduce_range=int8_reduce_range("auto")[0],  # as the analysis does here
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
