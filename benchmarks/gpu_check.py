@@ -240,10 +240,9 @@ def main() -> int:
 
     # 4. CUDA against CPU predictions of the trained teacher
     teacher = report.row("teacher")
-    model = load_module(stages / "teacher")  # written just now
     x, _ = task.arrays("test")
-    cpu = predict_logits(model, x)
-    dev = predict_logits(model.to(device), x, device=device)
+    cpu = predict_logits(load_module(stages / "teacher"), x)  # a CPU copy, written just now
+    dev = predict_logits(teacher_model, x, device=device)
     agree = float((cpu.argmax(1) == dev.argmax(1)).float().mean())
     figures["agreement"] = agree
     _, y = task.arrays("test")

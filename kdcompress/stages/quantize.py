@@ -350,6 +350,18 @@ class Int8Graphs:
         _preprocess(model.path, self.source, warn or log.warning, self.qlog)
         if mode == "dynamic":
             _gemm_to_matmul(self.source)
+        # the pre-processed graph never changes: its quantizable nodes are read once
+        proto = self.proto()
+        if mode == "dynamic":
+            weights = _weight_matmuls(proto)
+            self._nodes = [(n.name, n.op_type) for n in proto.graph.node if n.name in weights]
+            # MatMuls between two activations (attention scores) stay fp32 in every build
+            self._between_activations = [n.name for n in proto.graph.node
+                                         if n.op_type in _DYNAMIC_OPS and n.name not in weights]
+        else:
+            self._nodes = [(n.name, n.op_type) for n in proto.graph.node
+                           if n.op_type in _COMPUTE_OPS]
+            self._between_activations = []
 
     def __enter__(self) -> Int8Graphs:
         return self
@@ -372,11 +384,7 @@ class Int8Graphs:
 
         The names are those of the pre-processed graph, the names ``exclude`` and ``only`` take.
         """
-        proto = self.proto()
-        if self.mode == "dynamic":
-            weights = _weight_matmuls(proto)
-            return [(n.name, n.op_type) for n in proto.graph.node if n.name in weights]
-        return [(n.name, n.op_type) for n in proto.graph.node if n.op_type in _COMPUTE_OPS]
+        return list(self._nodes)
 
     def build(self, target: Path, *, exclude: Iterable[str] = (),
               only: Iterable[str] | None = None) -> OnnxModel:
@@ -435,14 +443,11 @@ class Int8Graphs:
         # the second input, which leaves fp32 every TT core contracted from the left (the core
         # is the first input there). Weights on either side are quantized here; MatMuls between
         # two activations (attention scores) stay fp32, as under the default.
-        proto = self.proto()
-        weights = _weight_matmuls(proto)
-        between_activations = [n.name for n in proto.graph.node
-                               if n.op_type in _DYNAMIC_OPS and n.name not in weights]
         quantize_dynamic(str(self.source), str(target), op_types_to_quantize=list(_DYNAMIC_OPS),
                          per_channel=self.per_channel, reduce_range=self.reduce_range,
                          weight_type=QuantType.QInt8,
-                         nodes_to_exclude=exclude + between_activations, nodes_to_quantize=only,
+                         nodes_to_exclude=exclude + self._between_activations,
+                         nodes_to_quantize=only,
                          extra_options={"MatMulConstBOnly": False})
 
 
