@@ -52,6 +52,9 @@ def main() -> None:
                         help="validation accuracy points the int8 model may lose")
     parser.add_argument("--out", type=Path, default=Path("runs/search_mnist"))
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
+    parser.add_argument("--objectives", default="size,latency_b1,latency",
+                        help="what the search minimises (default: size, batch-1 and batch-64 "
+                             "latency)")
     args = parser.parse_args()
     if not args.data:
         parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
@@ -61,7 +64,8 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live table reports the trials
     task = data.limit_train(data.mnist(args.data), args.train_limit)
     search = Search(load_pipeline(PIPELINE),
-                    SearchConfig(objectives=("size", "latency"), max_drop=args.max_drop),
+                    SearchConfig(objectives=tuple(args.objectives.split(",")),
+                                 max_drop=args.max_drop),
                     RunOptions(out=args.out, data=task, threads=args.threads),
                     progress=RichSearchProgress())
     budget = 60 * args.budget_minutes
@@ -75,7 +79,8 @@ def main() -> None:
 
     print(f"\n## kdcompress search on MNIST ({args.train_limit} training images)\n")
     print(f"`python benchmarks/search_mnist.py --data DIR --train-limit {args.train_limit} "
-          f"--budget-minutes {args.budget_minutes:g} --max-drop {args.max_drop:g}`\n")
+          f"--budget-minutes {args.budget_minutes:g} --max-drop {args.max_drop:g} "
+          f"--objectives {args.objectives}`\n")
     print(f"- budget {args.budget_minutes:g} min of trials; spent {spent_seconds(search) / 60:.1f} "
           f"min ({before / 60:.1f} in earlier runs); this run {this_run / 60:.1f} min with the "
           "front")
@@ -96,6 +101,41 @@ def main() -> None:
                   f"{point.latency_ms['batch_64']['p50']:.3f} ms"
                   + (f" -> {args.out / 'search' / f'best-{objective}.py'}"
                      if f"best-{objective}.py" in point.files else ""))
+
+
+    print("\n" + "\n".join(bars(doc)))
+
+
+def _b(point: dict, batch: int) -> float:
+    return point["latency_ms"][f"batch_{batch}"]["p50"]
+
+
+def bars(doc: dict) -> list[str]:
+    """The search issue's three bars, checked on the test split of the front's points (measured
+    after the search) against the default settings (the hand-written flagship) and the teacher."""
+    front, default, teacher = doc["front"], doc.get("default_point"), doc.get("baseline_point")
+    if not front or not default or not teacher:
+        return ["Bars: not checked (no front, default or baseline point)."]
+    lines = ["Bars (test split, measured after the search):"]
+    dominating = [p for p in front if p["accuracy"] >= default["accuracy"]
+                  and p["size_bytes"] < default["size_bytes"]
+                  and _b(p, 1) < _b(default, 1) and _b(p, 64) < _b(default, 64)]
+    lines.append(f"- dominates the flagship's settings (trial {default['trial']}, test "
+                 f"{100 * default['accuracy']:.2f}%, {format_bytes(default['size_bytes'])}, "
+                 f"b1 {_b(default, 1):.3f} ms, b64 {_b(default, 64):.3f} ms): "
+                 + (", ".join(f"trial {p['trial']}" for p in dominating) or "none"))
+    near = [p for p in front if 100 * (teacher["accuracy"] - p["accuracy"]) <= 0.5]
+    for label, key in (("smaller", lambda p: teacher["size_bytes"] / p["size_bytes"]),
+                       ("faster at batch 1", lambda p: _b(teacher, 1) / _b(p, 1))):
+        if near:
+            best = max(near, key=key)
+            lines.append(f"- within 0.5 test points of the teacher "
+                         f"({100 * teacher['accuracy']:.2f}%), most {label}: trial "
+                         f"{best['trial']} at {key(best):.1f}x "
+                         f"({100 * best['accuracy']:.2f}%)")
+        else:
+            lines.append(f"- no front point within 0.5 test points of the teacher ({label})")
+    return lines
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ student = pipeline.stage(decompose_tt, out="student", model=teacher,
 student_kd = pipeline.stage(distill, out="student_kd", student=student, teacher=teacher,
                             loss=KD(temperature=4) * 0.9 + CE() * 0.1, epochs=15)
 pruned = pipeline.stage(prune, out="pruned", model=student_kd,
-                        ratio=ks.float(0.0, 0.6, step=0.15, default=0.3), round_to=8,
+                        ratio=ks.float(0.0, 0.8, step=0.1, default=0.3), round_to=8,
                         teacher=teacher, recovery_epochs=5)
 fp32 = pipeline.stage(export_onnx, out="fp32", model=pruned,
                       tt_export=ks.choice(["factorized", "auto"], default="factorized"))

@@ -37,6 +37,7 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
 
     def label(key: str) -> str:
         return {"size": "size on disk (KiB)", "latency": "latency, batch 64 p50 (ms)",
+                "latency_b1": "latency, batch 1 p50 (ms)",
                 "drop": "validation points lost"}.get(key, key)
 
     for ax, (xkey, ykey) in zip(axes[0], panels, strict=True):

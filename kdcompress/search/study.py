@@ -12,7 +12,8 @@ What a trial is:
   the search's run folder. The folder keeps one version per stage fingerprint
   (:class:`~kdcompress.fingerprint_store.FingerprintStore`), so a stage whose inputs and constants a
   previous trial already had is loaded, not run: the teacher trains once.
-- The objectives (``size``: bytes on disk, ``latency``: median ms at the largest batch timed) are
+- The objectives (``size``: bytes on disk, ``latency``: median ms at the largest batch timed,
+  ``latency_b1``: median ms at batch 1) are
   those of the target stage (the pipeline's final stage unless ``target=``); the constraint is
   on validation accuracy: at most ``max_drop`` points below the baseline stage. Trials read the
   validation split only (``RunOptions(read_test=False)``); the test split is read once the
@@ -71,7 +72,8 @@ __all__ = ["Search", "SearchConfig", "OBJECTIVES", "SAMPLERS", "PRUNERS", "PRUNE
 
 #: What can be minimised, measured on the target stage.
 OBJECTIVES = {"size": "size on disk (bytes)",
-              "latency": "latency at the largest batch timed (batch 64), median (ms)"}
+              "latency": "latency at the largest batch timed (batch 64), median (ms)",
+              "latency_b1": "latency at batch 1, median (ms)"}
 SAMPLERS = ("tpe", "nsga2")
 PRUNERS = ("budget", "none")
 #: Trials within the budget that must have recorded a stage's epoch before the budget pruner
@@ -93,7 +95,7 @@ class SearchConfig:
     ----------
     objectives : tuple of str
         Minimised on the target stage: ``"size"`` (bytes on disk), ``"latency"`` (median ms at
-        the largest batch timed). One or both.
+        the largest batch timed), ``"latency_b1"`` (median ms at batch 1). Any of them.
     max_drop : float
         The budget: the target's validation accuracy may be at most this many points (percent)
         below the baseline's.
@@ -216,6 +218,7 @@ class Search:
             raise PipelineError("kdcompress search does not run under torchrun: start several "
                                 "search workers on one --storage instead")
         pipeline.validate()
+        _check_timed(config.objectives, options)
         self.pipeline = pipeline
         self.params = dict(pipeline.params)
         self.options = options
@@ -622,6 +625,11 @@ class Search:
                              f"'{self.target}' or '{self.baseline}' was not measured")
         drop = round(100 * (base.val_score - row.val_score), 6)
         objectives = _objectives(row, self.config.objectives)
+        missing = [o for o in self.config.objectives if o not in objectives]
+        if missing:  # _check_timed refused these settings; a stage may still not be timed
+            return self._end(trial, observer, started, optuna.trial.TrialState.FAIL,
+                             f"'{self.target}' has no {' or '.join(missing)}: its latency was "
+                             "not measured")
         for key, value in (("val_accuracy", row.val_score),
                            ("baseline_val_accuracy", base.val_score), ("drop", drop),
                            ("metric", report.metric),
@@ -846,16 +854,32 @@ def _recipe(stage: Any) -> str:
     return sha256_hex(json.dumps(doc, sort_keys=True, default=str).encode())[:12]
 
 
+def _check_timed(objectives: tuple[str, ...], options: RunOptions) -> None:
+    """Refuse a latency objective at a batch size the measurement does not time."""
+    from kdcompress.metrics import MeasureConfig
+
+    sizes = tuple((options.measure or MeasureConfig()).batch_sizes)
+    if "latency_b1" in objectives and 1 not in sizes:
+        raise PipelineError(f"objective 'latency_b1' needs batch 1 timed, but the measurement "
+                            f"times batch sizes {list(sizes)}: add 1 to "
+                            "MeasureConfig.batch_sizes or choose another objective")
+    if "latency" in objectives and not sizes:
+        raise PipelineError("objective 'latency' needs a timed batch size, but "
+                            "MeasureConfig.batch_sizes is empty")
+
+
 def _objectives(row: Any, names: tuple[str, ...]) -> dict[str, float]:
     latency = row.batch_latency() or {}
-    values = {"size": float(row.size_bytes), "latency": latency.get("p50")}
+    values = {"size": float(row.size_bytes), "latency": latency.get("p50"),
+              "latency_b1": row.latency_ms.get("batch_1", {}).get("p50")}
     return {n: float(values[n]) for n in names if values[n] is not None}
 
 
 def _objectives_text(objectives: Mapping[str, float]) -> str:
     from kdcompress.report import format_bytes
 
-    return ", ".join(format_bytes(int(v)) if k == "size" else f"{v:.3f} ms {k}"
+    return ", ".join(format_bytes(int(v)) if k == "size"
+                     else f"{v:.3f} ms {'batch 1' if k == 'latency_b1' else k}"
                      for k, v in objectives.items())
 
 

@@ -14,7 +14,7 @@ def test_its_defaults_are_the_flagship_pipeline():
     searched = load_pipeline(ROOT / "pipelines" / "tt_distill_quant_search.py")
     flagship = load_pipeline(ROOT / "pipelines" / "tt_distill_quant.py")
     assert list(searched.params) == ["student.rank", "pruned.ratio", "fp32.tt_export"]
-    assert [p.size for p in searched.params.values()] == [6, 5, 2]  # 60 value sets
+    assert [p.size for p in searched.params.values()] == [6, 9, 2]  # 108 value sets
     concrete = searched.concrete()
     assert concrete.order() == flagship.order()
     for name, stage in flagship.stages.items():

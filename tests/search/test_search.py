@@ -335,5 +335,43 @@ def test_after_the_defaults_each_parameter_is_screened_last_stage_first(searched
                                     / "tt_distill_quant_search.py"),
                       SearchConfig(), RunOptions(out=searched["run"].parent / "unused"))
     assert [name for name, _ in flagship.screening()] == [
-        "fp32.tt_export='auto'", "pruned.ratio=0.0", "pruned.ratio=0.6", "student.rank=2",
+        "fp32.tt_export='auto'", "pruned.ratio=0.0", "pruned.ratio=0.8", "student.rank=2",
         "student.rank=12"]
+
+
+def test_latency_at_batch_1_is_an_objective_of_its_own(tmp_path, fast_measure):
+    run = tmp_path / "run"
+    search = Search(load_pipeline(PIPELINES / "tiny_search.py"),
+                    SearchConfig(objectives=("size", "latency_b1"), max_drop=100.0,
+                                 screen=False),
+                    RunOptions(out=run, measure=fast_measure, plot=False))
+    trials = search.optimize(trials=2)
+    assert [t.state for t in trials] == ["complete", "complete"]
+    for t in trials:
+        report = json.loads((run / "search" / "trials" / f"{t.number:04d}" / "report.json")
+                            .read_text())
+        row = next(r for r in report["stages"] if r["name"] == "tuned")
+        # batch 1's median, not the largest batch's (which "latency" minimises)
+        assert t.objectives["latency_b1"] == row["latency_ms"]["batch_1"]["p50"]
+        assert t.objectives["size"] == row["size_bytes"]
+        assert row["latency_ms"]["batch_1"]["p50"] != row["latency_ms"]["batch_64"]["p50"]
+
+
+def test_an_objective_the_measurement_does_not_time_is_refused_before_any_trial(tmp_path):
+    from kdcompress.errors import PipelineError
+    from kdcompress.metrics import MeasureConfig
+
+    with pytest.raises(PipelineError, match=r"objective 'latency_b1' needs batch 1 timed, but "
+                       r"the measurement times batch sizes \[64\]: add 1 to"):
+        Search(load_pipeline(PIPELINES / "tiny_search.py"),
+               SearchConfig(objectives=("latency_b1",), max_drop=100.0),
+               RunOptions(out=tmp_path / "run", measure=MeasureConfig(batch_sizes=(64,))))
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
+
+
+def test_an_unknown_objective_is_refused_with_the_known_ones(capsys, tmp_path):
+    code = main(["search", str(PIPELINES / "tiny_search.py"), "--out", str(tmp_path / "run"),
+                 "--objectives", "size,latency_b2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "objective 'latency_b2' is unknown" in err and "latency_b1" in err
