@@ -16,8 +16,10 @@ details and logged:
   :data:`BASE_BATCH` on the CPU; on CUDA it grows by powers of two, up to
   :data:`MAX_BATCH_SCALE` times, while an epoch keeps at least :data:`MIN_STEPS` steps, and the
   learning rate, given for :data:`BASE_BATCH`, grows with it: linearly for SGD (Goyal et al.,
-  2017), with the square root for AdamW (Malladi et al., 2022). A batch size the user sets is
-  used as it is, with the learning rate as given.
+  2017), with the square root for AdamW (Malladi et al., 2022). A scaled learning rate is reached
+  by a linear warm-up from the given one over the first epoch (at most a quarter of the run:
+  :func:`warmup_steps`), Goyal et al.'s remedy for the early steps of a large batch. A batch size
+  the user sets is used as it is, with the learning rate as given and no warm-up.
 - **Precision** (:data:`PRECISIONS`): ``"auto"`` is float16 autocast with a gradient scaler on
   CUDA and float32 on the CPU; ``"bf16"`` is bfloat16 autocast on either device (no scaler: its
   range is float32's); ``"fp16"`` needs CUDA; ``"fp32"`` turns autocast off.
@@ -38,8 +40,8 @@ from torch.utils.data import BatchSampler, Dataset, RandomSampler, Sampler, Tens
 from kdcompress.errors import StageError
 
 __all__ = ["Placement", "decide_placement", "ResidentBatches", "make_sampler", "auto_batch",
-           "BatchChoice", "PRECISIONS", "autocast_dtype", "RESIDENT_FRACTION", "BASE_BATCH",
-           "MIN_STEPS", "MAX_BATCH_SCALE"]
+           "warmup_steps", "BatchChoice", "PRECISIONS", "autocast_dtype", "RESIDENT_FRACTION",
+           "BASE_BATCH", "MIN_STEPS", "MAX_BATCH_SCALE"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,8 @@ class BatchChoice:
     batch_size: int
     lr: float
     rule: str
+    #: ``lr`` over the learning rate the user gave (1.0: not scaled, no warm-up).
+    lr_factor: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         """For a stage's details (JSON)."""
@@ -248,7 +252,30 @@ def auto_batch(batch_size: int | None, lr: float, *, samples: int, device: torch
     steps = samples // (BASE_BATCH * scale * world_size)
     return BatchChoice(BASE_BATCH * scale, float(lr) * factor,
                        f"{BASE_BATCH} x {scale} on cuda ({steps} steps per epoch); lr x "
-                       f"{factor:g} ({how})")
+                       f"{factor:g} ({how}), warmed up linearly from the given lr",
+                       lr_factor=float(factor))
+
+
+def warmup_steps(choice: BatchChoice, *, steps_per_epoch: int, total_steps: int) -> int:
+    """Steps of linear warm-up to a scaled learning rate: one epoch, at most a quarter of the run.
+
+    Goyal et al. (2017) ramp a large batch's learning rate up from the small batch's over the
+    first epochs; the runs here are tens of epochs, so one epoch. Zero when the learning rate
+    was not scaled.
+
+    Examples
+    --------
+    >>> choice = BatchChoice(512, 2e-3 * 8 ** 0.5, "scaled", lr_factor=8 ** 0.5)
+    >>> warmup_steps(choice, steps_per_epoch=107, total_steps=20 * 107)
+    107
+    >>> warmup_steps(choice, steps_per_epoch=107, total_steps=2 * 107)
+    53
+    >>> warmup_steps(BatchChoice(64, 2e-3, "64 on cpu"), steps_per_epoch=859, total_steps=8590)
+    0
+    """
+    if choice.lr_factor <= 1.0:
+        return 0
+    return max(1, min(int(steps_per_epoch), int(total_steps) // 4))
 
 
 # ---- precision -----------------------------------------------------------------------------

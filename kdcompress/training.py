@@ -44,6 +44,7 @@ from kdcompress.placement import (
     autocast_dtype,
     decide_placement,
     make_sampler,
+    warmup_steps,
 )
 
 __all__ = ["fit", "FitConfig", "FitResult", "EpochStats", "LossFn", "OPTIMIZERS", "SCHEDULES",
@@ -343,8 +344,15 @@ class _Loop:
         if ctx.device.type == "cuda":
             self.options["pin_memory"] = True
         per_epoch = len(self.loader(ctx.seed))
+        total = self.config.epochs * per_epoch
+        warmup = 0 if self.config.schedule == "onecycle" else \
+            warmup_steps(choice, steps_per_epoch=per_epoch, total_steps=total)
+        if warmup:
+            ctx.record("lr_warmup", {"steps": warmup, "from_lr": config.lr,
+                                     "to_lr": choice.lr})
         self.optimizer, self.scheduler = make_optimizer(
-            self.trainable, self.config, total_steps=self.config.epochs * per_epoch)
+            self.trainable, self.config, total_steps=total, warmup=warmup,
+            warmup_from=1.0 / choice.lr_factor)
         self.scaler = torch.amp.GradScaler("cuda") if scaled else None
         self.net = distributed.wrap(model, ctx.device) if parallel else model
         self.steps = 0
@@ -427,9 +435,14 @@ class _Loop:
 
 
 def make_optimizer(
-    params: Iterable[nn.Parameter], config: FitConfig, *, total_steps: int,
+    params: Iterable[nn.Parameter], config: FitConfig, *, total_steps: int, warmup: int = 0,
+    warmup_from: float = 1.0,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The optimiser and learning-rate schedule of ``config`` for a run of ``total_steps`` steps.
+
+    ``warmup`` > 0 steps first ramp the learning rate linearly from ``warmup_from`` x
+    ``config.lr`` to ``config.lr`` (a scaled batch's warm-up), then the schedule runs over the
+    remaining steps; ``"onecycle"`` has its own warm-up and takes none.
 
     Examples
     --------
@@ -444,16 +457,24 @@ def make_optimizer(
             params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if warmup > 0 and config.schedule != "onecycle" and total_steps > warmup:
+        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=warmup_from,
+                                                 end_factor=1.0, total_iters=warmup)
+        rest = _schedule(optimizer, config, total_steps - warmup)
+        return optimizer, torch.optim.lr_scheduler.SequentialLR(
+            optimizer, [ramp, rest], milestones=[warmup])
+    return optimizer, _schedule(optimizer, config, total_steps)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: FitConfig,
+              total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(1, total_steps)
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     if config.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    elif config.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
-                                                        total_steps=total)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return optimizer, scheduler
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
+                                                   total_steps=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ def test_training_is_repeatable_and_a_user_batch_is_kept(task: data.Task) -> Non
     b = train(models.cnn(width=4), epochs=1, batch_size=32, data=task)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    assert ctx.details["batch"] == {"batch_size": 32, "lr": 2e-3, "rule": "set by the user"}
+    assert ctx.details["batch"] == {"batch_size": 32, "lr": 2e-3, "rule": "set by the user",
+                                    "lr_factor": 1.0}
     assert accuracy(a, task) > 0.3
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -253,3 +254,54 @@ def test_zero_epochs_and_bad_settings(task):
     frozen = small_net().requires_grad_(False)
     with pytest.raises(StageError, match="stage 'train': nothing to train"):
         fit(frozen, ce, task)
+
+
+def test_a_scaled_learning_rate_is_warmed_up_from_the_given_one_then_follows_its_schedule():
+    config = FitConfig(epochs=10, lr=1e-3, schedule="cosine")
+    scaled = dataclasses.replace(config, lr=4e-3)  # batch x 16, square-root rule
+    opt, sched = make_optimizer([nn.Parameter(torch.zeros(2))], scaled, total_steps=100,
+                                warmup=10, warmup_from=0.25)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3)  # the given learning rate
+    assert lrs[:11] == pytest.approx([1e-3 + 3e-4 * i for i in range(11)])  # linear ramp
+    # then the cosine schedule over the 90 steps left, from the scaled rate
+    assert lrs[10:] == pytest.approx([2e-3 * (1 + math.cos(math.pi * t / 90)) for t in range(90)])
+    plain = make_optimizer([nn.Parameter(torch.zeros(2))], config, total_steps=100)[1]
+    assert type(plain).__name__ == "CosineAnnealingLR"  # no warm-up unless asked
+
+
+def test_fit_warms_up_only_a_learning_rate_scaled_for_a_larger_batch(task, monkeypatch):
+    from kdcompress import training
+    from kdcompress.placement import BatchChoice
+
+    seen: list[float] = []
+    ctx, _ = context(task)
+    model = small_net()
+    probe = {}
+
+    def on_step(step: int) -> None:
+        seen.append(probe["opt"].param_groups[0]["lr"])
+
+    real = training.make_optimizer
+
+    def spy(*args, **kwargs):
+        probe["opt"], sched = real(*args, **kwargs)
+        return probe["opt"], sched
+
+    monkeypatch.setattr(training, "make_optimizer", spy)
+    monkeypatch.setattr(training, "auto_batch", lambda *a, **k: BatchChoice(
+        32, 4e-2, "32 on cuda (test)", lr_factor=4.0))
+    fit(model, ce, task, config=FitConfig(epochs=4, lr=1e-2, schedule="constant"), ctx=ctx,
+        on_step=on_step)
+    # 160 samples at batch 32: 5 steps per epoch, 20 in all; one epoch of warm-up from 1e-2
+    assert ctx.details["lr_warmup"] == {"steps": 5, "from_lr": 1e-2, "to_lr": 4e-2}
+    assert seen[:6] == pytest.approx([1e-2 + 6e-3 * i for i in range(1, 6)] + [4e-2])
+    assert seen[5:] == pytest.approx([4e-2] * 15)
+    monkeypatch.setattr(training, "auto_batch", lambda *a, **k: BatchChoice(32, 1e-2, "user"))
+    ctx2, _ = context(task)
+    fit(small_net(), ce, task, config=FitConfig(epochs=1, lr=1e-2), ctx=ctx2)
+    assert "lr_warmup" not in ctx2.details
