@@ -49,7 +49,8 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
                    marker="x", color="0.6", alpha=0.45, label="trial over budget")
         best = sorted((t for t in done if t["number"] in front), key=lambda t: value(t, xkey))
         if best:
-            if ykey != "drop":  # the front in objective space: a staircase
+            if ykey != "drop" and len(objectives) == 2:  # a 2-D front is a staircase; with
+                # three objectives this panel is a projection, and a staircase would mislead
                 ax.plot([value(t, xkey) for t in best], [value(t, ykey) for t in best],
                         drawstyle="steps-post", color="tab:red", lw=1.2, zorder=2)
             ax.scatter([value(t, xkey) for t in best], [value(t, ykey) for t in best], s=46,
