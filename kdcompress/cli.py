@@ -350,7 +350,7 @@ def _sensitivity(args: argparse.Namespace, console, err) -> int:
 
         result = sensitivity(model, runner.task, kinds=kinds, ranks=args.ranks,
                              ratios=args.ratios, method=args.method, layers=args.layers,
-                             samples=args.samples, progress=progress)
+                             samples=args.samples, progress=progress, metric=pipeline.metric)
     folder = options.run_dir(pipeline.name) / "analysis" / args.stage
     paths = result.save(folder, plot=not args.no_plot)
     for table in render_tables(result):

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kdcompress.errors import PipelineError, did_you_mean
 
-__all__ = ["Metric", "MetricLike", "BUILTIN", "score"]
+__all__ = ["Metric", "MetricLike", "BUILTIN", "score", "metric_value"]
 
 #: ``fn(logits (N, C), labels (N,)) -> float`` in [0, 1], higher is better.
 MetricFn = Callable[[Tensor, Tensor], Any]
@@ -158,3 +158,21 @@ def score(metric: MetricLike, logits: Tensor, labels: Tensor) -> float:
     1.0
     """
     return Metric.resolve(metric)(logits, labels)
+
+
+def metric_value(metric: MetricLike, logits: Tensor, labels: Tensor) -> float:
+    """:func:`score`, with top-1 accuracy counted exactly (correct / total, a Python float).
+
+    The analyses and budgets compare scores of many variants of one model on one fixed sample;
+    counting top-1 keeps their differences whole samples, with no float32 rounding.
+
+    Examples
+    --------
+    >>> metric_value("accuracy", torch.tensor([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]]),
+    ...              torch.tensor([0, 1, 1]))
+    0.6666666666666666
+    """
+    resolved = Metric.resolve(metric)
+    if resolved.name == "accuracy" and resolved.fn is BUILTIN["accuracy"]:
+        return int((logits.argmax(1) == labels.to(logits.device)).sum()) / max(len(labels), 1)
+    return resolved(logits, labels)

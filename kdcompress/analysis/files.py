@@ -41,12 +41,13 @@ def markdown(result: Sensitivity) -> str:
     how = ("incremental, from the changed layer onwards" if result.incremental
            else "a full forward pass per cell")
     lines = ["# Sensitivity", "",
-             f"Baseline validation accuracy {100 * result.baseline:.2f}% on {result.samples} "
-             f"samples; {_count(result.params)} parameters, {_count(result.macs)} MACs; "
+             f"Baseline validation {result.metric} {100 * result.baseline:.2f}% on "
+             f"{result.samples} samples; {_count(result.params)} parameters, "
+             f"{_count(result.macs)} MACs; "
              f"{len(result.cells)} cells in {result.seconds:.1f} s "
              f"({how}"
              + "".join(f"; {k} {v:.1f} s" for k, v in result.timings.items()) + ").",
-             "", "Each cell: accuracy drop in points (+ = worse) / whole-model parameters"
+             "", f"Each cell: {result.metric} drop in points (+ = worse) / whole-model parameters"
              " / relative weight error (tt, svd).", ""]
     for kind in result.kinds():
         layers, settings, cells = _grid(result, kind)

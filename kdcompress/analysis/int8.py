@@ -33,6 +33,7 @@ from kdcompress.artifacts import OnnxModel
 from kdcompress.data import Task
 from kdcompress.errors import DataError, LayerError, StageError, did_you_mean
 from kdcompress.metrics import predict
+from kdcompress.scoring import MetricLike, metric_value
 
 if TYPE_CHECKING:
     from kdcompress.analysis.sensitivity import Cell
@@ -64,8 +65,9 @@ class Score:
 
 
 def score(model: OnnxModel, x: torch.Tensor, y: torch.Tensor,
-          reference: Score | None = None) -> Score:
-    """Top-1 accuracy of ``model`` on ``(x, y)`` and the relative error of its logits.
+          reference: Score | None = None, metric: MetricLike = "accuracy") -> Score:
+    """``metric`` (top-1 accuracy by default) of ``model`` on ``(x, y)`` and the relative error
+    of its logits; ``Score.accuracy`` holds the metric's value.
 
     Examples
     --------
@@ -74,7 +76,7 @@ def score(model: OnnxModel, x: torch.Tensor, y: torch.Tensor,
     0.013
     """
     logits = predict(model, x).float()
-    accuracy = int((logits.argmax(1) == y).sum()) / max(len(y), 1)
+    accuracy = metric_value(metric, logits, y)
     error = 0.0
     if reference is not None:
         error = float(torch.linalg.norm(logits - reference.logits)
@@ -99,7 +101,8 @@ class NodeCost:
 
 
 def node_costs(graphs: _Graphs, nodes: Sequence[tuple[str, str]], x: torch.Tensor,
-               y: torch.Tensor, baseline: Score) -> list[NodeCost]:
+               y: torch.Tensor, baseline: Score, metric: MetricLike = "accuracy"
+               ) -> list[NodeCost]:
     """Each node of ``nodes`` alone in int8, scored on ``(x, y)`` against ``baseline``.
 
     Parameters
@@ -111,7 +114,9 @@ def node_costs(graphs: _Graphs, nodes: Sequence[tuple[str, str]], x: torch.Tenso
     x, y : torch.Tensor
         Validation inputs and labels.
     baseline : Score
-        The fp32 graph's :func:`score` on the same ``(x, y)``.
+        The fp32 graph's :func:`score` on the same ``(x, y)``, with the same ``metric``.
+    metric : str or callable
+        What a node costs in (``kdcompress.scoring``; top-1 accuracy by default).
 
     Returns
     -------
@@ -122,7 +127,7 @@ def node_costs(graphs: _Graphs, nodes: Sequence[tuple[str, str]], x: torch.Tenso
     with tempfile.TemporaryDirectory(prefix="kdcompress-int8-cost-") as tmp:
         for i, (name, op) in enumerate(nodes):
             graph = graphs.build(Path(tmp) / f"node{i}.onnx", only=[name])
-            s = score(graph, x, y, reference=baseline)
+            s = score(graph, x, y, reference=baseline, metric=metric)
             drop = round(100 * (baseline.accuracy - s.accuracy), 4)
             costs.append(NodeCost(name, op, s.accuracy, drop, s.error))
             log.debug("int8 %s (%s): accuracy %.4f, logit error %.4f", name, op, s.accuracy,
@@ -154,7 +159,8 @@ class Reversion:
 
 def revert_to_budget(fp32: OnnxModel, int8: OnnxModel, graphs: _Graphs,
                      nodes: Sequence[tuple[str, str]], x: torch.Tensor, y: torch.Tensor, *,
-                     max_drop: float, folder: Path, exclude: Sequence[str] = ()) -> Reversion:
+                     max_drop: float, folder: Path, exclude: Sequence[str] = (),
+                     metric: MetricLike = "accuracy") -> Reversion:
     """Send the costliest int8 nodes back to fp32 until accuracy is within ``max_drop``.
 
     The nodes are ordered by :func:`node_costs` (each alone in int8) and reverted one at a time,
@@ -179,17 +185,20 @@ def revert_to_budget(fp32: OnnxModel, int8: OnnxModel, graphs: _Graphs,
         Where the candidate graphs are written.
     exclude : list of str
         Nodes already in fp32 in ``int8`` (the small convolutions the stage kept); they stay so.
+    metric : str or callable
+        The score the budget is in (``kdcompress.scoring``; top-1 accuracy by default); the
+        ``accuracy`` fields of the result hold it.
 
     Returns
     -------
     Reversion
     """
-    base = score(fp32, x, y)
-    full = score(int8, x, y, reference=base)
+    base = score(fp32, x, y, metric=metric)
+    full = score(int8, x, y, reference=base, metric=metric)
     result = Reversion(base.accuracy, full.accuracy, full.accuracy, [], [], int8)
     if _within(base.accuracy, full.accuracy, max_drop):
         return result
-    result.costs = costliest_first(node_costs(graphs, nodes, x, y, base))
+    result.costs = costliest_first(node_costs(graphs, nodes, x, y, base, metric))
     reverted: list[str] = []
     for i, cost in enumerate(result.costs):
         reverted.append(cost.node)
@@ -198,7 +207,7 @@ def revert_to_budget(fp32: OnnxModel, int8: OnnxModel, graphs: _Graphs,
         else:
             result.graph = graphs.build(folder / f"reverted{i}.onnx",
                                         exclude=[*exclude, *reverted])
-            result.accuracy = score(result.graph, x, y).accuracy
+            result.accuracy = score(result.graph, x, y, metric=metric).accuracy
         result.reverted.append({**cost.to_dict(), "accuracy_after": round(result.accuracy, 6)})
         log.info("int8: %s back to fp32 (alone it cost %.2f points); accuracy %.4f",
                  cost.node, cost.drop, result.accuracy)
@@ -212,7 +221,8 @@ def _within(reference: float, accuracy: float, max_drop: float) -> bool:
 
 
 def int8_sensitivity(onnx: OnnxModel, data: Task, *, samples: int = 1000,
-                     nodes: Sequence[str] | None = None) -> list[Cell]:
+                     nodes: Sequence[str] | None = None,
+                     metric: MetricLike = "accuracy") -> list[Cell]:
     """Each quantizable node of ``onnx`` alone in int8 against the fp32 graph.
 
     Parameters
@@ -227,6 +237,8 @@ def int8_sensitivity(onnx: OnnxModel, data: Task, *, samples: int = 1000,
     nodes : list of str, optional
         Node names to cost (default: every Conv/ConvTranspose/MatMul/Gemm node), as named in the
         graph after ONNX Runtime's pre-processing, the names ``nodes_to_exclude`` takes.
+    metric : str or callable
+        What the cells score (``kdcompress.scoring``; top-1 accuracy by default).
 
     Returns
     -------
@@ -266,7 +278,7 @@ def int8_sensitivity(onnx: OnnxModel, data: Task, *, samples: int = 1000,
     inputs = data.calibration(_CALIBRATION_SAMPLES, seed=_SEED)
     with Int8Graphs(onnx, mode="static", inputs=inputs) as graphs:
         chosen = _pick(graphs.nodes(), nodes)
-        costs = node_costs(graphs, chosen, x, y, score(onnx, x, y))
+        costs = node_costs(graphs, chosen, x, y, score(onnx, x, y, metric=metric), metric)
         log.info("int8 sensitivity: %d nodes, %d calibration pass(es)", len(costs),
                  graphs.calibrations)
     params = onnx.num_params

@@ -45,6 +45,7 @@ from kdcompress.errors import DataError, InputError
 from kdcompress.layers.tensorize import LayerSpec, decompose_layer, select_layers
 from kdcompress.layers.tt import TT_LAYERS
 from kdcompress.metrics import MeasureConfig, count_macs, time_call
+from kdcompress.scoring import MetricLike, metric_value
 
 __all__ = ["Cell", "Sensitivity", "sensitivity", "check_settings", "KINDS", "TORCH_KINDS",
            "prune_groups", "prune_group"]
@@ -126,6 +127,8 @@ class Sensitivity:
     timings : dict
         Wall seconds by part: ``"record"`` (tracing and the one pass over the samples), then
         each kind.
+    metric : str
+        The name of what the baseline and the cells score (``"accuracy"``: top-1).
     """
 
     baseline: float
@@ -138,6 +141,7 @@ class Sensitivity:
     dense_latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    metric: str = "accuracy"
 
     def curve(self, layer: str, kind: str) -> list[Cell]:
         """The cells of one layer and kind, sorted by setting."""
@@ -355,9 +359,11 @@ class _Run:
     """State shared by the cells of one analysis."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 progress: Callable[[str, int, int], None] | None) -> None:
+                 progress: Callable[[str, int, int], None] | None,
+                 metric: MetricLike = "accuracy") -> None:
         self.model = model
         self.x, self.y = x, y
+        self.metric = metric
         self.progress = progress
         self.params = sum(p.numel() for p in model.parameters())
         self.macs = count_macs(copy.deepcopy(model), x[:1])
@@ -370,7 +376,8 @@ class _Run:
         self.notes: list[str] = []
 
     def accuracy(self, logits: torch.Tensor) -> float:
-        return float((logits.argmax(1) == self.y).float().mean())
+        """The analysis's metric (top-1 accuracy by default) of ``logits``."""
+        return metric_value(self.metric, logits, self.y)
 
     def add(self, layer: str, kind: str, setting: int | float | str, logits: torch.Tensor,
             params: int, macs: int | None, latency: float | None,
@@ -484,7 +491,7 @@ def sensitivity(
     ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7), method: str = "tt",
     layers: LayerSpec = None, samples: int = 1000, onnx: OnnxModel | None = None,
     int8: bool = False, progress: Callable[[str, int, int], None] | None = None,
-    incremental: bool = True,
+    incremental: bool = True, metric: MetricLike = "accuracy",
 ) -> Sensitivity:
     """Validation accuracy lost by each layer alone at each setting, without retraining.
 
@@ -518,6 +525,9 @@ def sensitivity(
     incremental : bool
         Evaluate cells from the changed layer onwards (default). ``False`` runs a full forward
         pass per cell, the brute-force reference (same numbers, slower).
+    metric : str or callable
+        What a cell scores (``kdcompress.scoring``): top-1 accuracy by default, or the
+        pipeline's metric; the cells' ``accuracy`` and ``drop`` are in it.
 
     Returns
     -------
@@ -559,26 +569,25 @@ def sensitivity(
     run = None
     if torch_kinds:
         run = _analyse_torch(_torch_model(model, data), x, y, methods, "prune" in kinds, ranks,
-                             ratios, layers, progress, trace=incremental)
+                             ratios, layers, progress, trace=incremental, metric=metric)
         cells = run.cells
     timings = dict(run.timings) if run is not None else {}
     if int8:
         started = time.perf_counter()
-        cells = cells + _int8_cells(model, data, onnx, len(x))
+        cells = cells + _int8_cells(model, data, onnx, len(x), metric)
         timings["int8"] = round(time.perf_counter() - started, 2)
     if run is None:
         from kdcompress.metrics import predict
 
-        logits = predict(onnx, x)
-        baseline = float((logits.argmax(1) == y).float().mean())
+        baseline = metric_value(metric, predict(onnx, x).float(), y)
         params = onnx.num_params
         return Sensitivity(baseline=round(baseline, 6), samples=len(x), params=params, macs=None,
                            cells=cells, seconds=round(time.perf_counter() - start, 2),
-                           timings=timings)
+                           timings=timings, metric=_metric_name(metric))
     return Sensitivity(baseline=round(run.baseline, 6), samples=len(x), params=run.params,
                        macs=run.macs, cells=cells, seconds=round(time.perf_counter() - start, 2),
                        incremental=run.rec.incremental, dense_latency_ms=run.dense,
-                       timings=timings,
+                       timings=timings, metric=_metric_name(metric),
                        notes=run.notes + ([] if run.rec.incremental or not incremental else [
                            "torch.fx could not trace the model: every cell ran a full forward "
                            "pass"]))
@@ -587,11 +596,11 @@ def sensitivity(
 def _analyse_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: list[str],
                    prune: bool, ranks: Sequence[int], ratios: Sequence[float],
                    layers: LayerSpec, progress: Callable[[str, int, int], None] | None,
-                   trace: bool = True) -> _Run:
+                   trace: bool = True, metric: MetricLike = "accuracy") -> _Run:
     from kdcompress.analysis.record import record
 
     model = copy.deepcopy(model).cpu().eval()
-    run = _Run(model, x, y, progress)
+    run = _Run(model, x, y, progress, metric)
     names = select_layers(model, layers) if methods else []
     groups: dict[str, list[str]] = {}
     if prune:
@@ -621,7 +630,14 @@ def _analyse_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: 
     return run
 
 
-def _int8_cells(model: Any, data: Task, onnx: OnnxModel | None, samples: int) -> list[Cell]:
+def _metric_name(metric: MetricLike) -> str:
+    from kdcompress.scoring import Metric
+
+    return Metric.resolve(metric).name
+
+
+def _int8_cells(model: Any, data: Task, onnx: OnnxModel | None, samples: int,
+                metric: MetricLike = "accuracy") -> list[Cell]:
     try:
         from kdcompress.analysis.int8 import int8_sensitivity
     except ImportError as exc:
@@ -631,4 +647,4 @@ def _int8_cells(model: Any, data: Task, onnx: OnnxModel | None, samples: int) ->
         from kdcompress.stages import export_onnx
 
         onnx = export_onnx(model, data=data)
-    return list(int8_sensitivity(onnx, data, samples=samples))
+    return list(int8_sensitivity(onnx, data, samples=samples, metric=metric))

@@ -22,6 +22,7 @@ from kdcompress.layers import METHODS, decompose_layer, tensorize
 from kdcompress.layers.tensorize import select_layers
 from kdcompress.metrics import count_macs
 from kdcompress.models import ModelSpec, as_module
+from kdcompress.scoring import MetricLike
 
 __all__ = ["decompose_tt", "Ranks", "Budget", "BUDGET_BY", "BUDGET_RANKS"]
 
@@ -98,7 +99,8 @@ def decompose_tt(
     model: nn.Module | ModelSpec, *, rank: int | list[int] | None = 8, tol: float | None = None,
     ratio: float | None = None, layers: str | type | Sequence[str | type] | None = None,
     method: str = "tt", budget: float | None = None, budget_by: str = "params",
-    data: Task | None = None, ctx: StageContext | None = None,
+    metric: MetricLike | None = None, data: Task | None = None,
+    ctx: StageContext | None = None,
 ) -> nn.Module:
     """Factorise the chosen layers of ``model``, initialised from their trained weights.
 
@@ -137,6 +139,10 @@ def decompose_tt(
         then chosen per layer by validation sensitivity; ``rank`` is ignored.
     budget_by : {"params", "macs"}
         What ``budget`` counts: parameters, or multiply-accumulates of one input.
+    metric : str or callable, optional
+        What ``budget``'s sensitivity curves score: the pipeline's metric (given by the
+        pipeline, so that the stage's cache key holds it); top-1 accuracy on a direct call
+        without it. Unused without ``budget``.
     data : Task, optional
         The data (given by the pipeline); ``budget`` needs it on a direct call.
     ctx : StageContext, optional
@@ -169,7 +175,7 @@ def decompose_tt(
     model = as_module(model, task)
     if budget is not None:
         return _decompose_to_budget(model, task, budget, budget_by, layers, method, ctx,
-                                    tol=tol, ratio=ratio)
+                                    tol=tol, ratio=ratio, metric=_metric(metric, ctx))
     if tol is not None or ratio is not None:
         rank = None
     new_model, records = tensorize(model, layers=layers, rank=rank, tol=tol, ratio=ratio,
@@ -251,7 +257,8 @@ def _target(budget: float, costs: _Costs) -> int:
 
 def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by: str,
                          layers: Any, method: str, ctx: StageContext | None, *,
-                         tol: float | None, ratio: float | None) -> nn.Module:
+                         tol: float | None, ratio: float | None,
+                         metric: MetricLike = "accuracy") -> nn.Module:
     """``decompose_tt(budget=...)``: sensitivity curves, allocation, then one rank per layer."""
     clash = [k for k, v in (("tol", tol), ("ratio", ratio)) if v is not None]
     if clash:
@@ -279,7 +286,8 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
             f"other layers hold {costs.fixed}); raise the budget or decompose more layers")
     from kdcompress.analysis.sensitivity import sensitivity
 
-    sens = sensitivity(model, task, kinds=(method,), ranks=BUDGET_RANKS, layers=names)
+    sens = sensitivity(model, task, kinds=(method,), ranks=BUDGET_RANKS, layers=names,
+                       metric=metric)
     result = allocate(_options(sens, names, method, costs), target - costs.fixed)
     ranks = {n: o.setting for n, o in result.choice.items() if o.setting != "dense"}
     if ranks:
@@ -336,3 +344,10 @@ def _summary(budget: float, by: str, target: int, reached: int, costs: _Costs,
             "allocator": result.method, "method": method, "ladder": list(BUDGET_RANKS),
             "baseline_accuracy": sens.baseline, "samples": sens.samples,
             "sensitivity_seconds": round(sens.seconds, 2)}
+
+
+def _metric(metric: MetricLike | None, ctx: StageContext | None) -> MetricLike:
+    """The metric a stage's automatic choice scores: its ``metric`` argument, else the run's."""
+    if metric is not None:
+        return metric
+    return ctx.metric if ctx is not None else "accuracy"

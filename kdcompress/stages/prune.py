@@ -39,6 +39,7 @@ from kdcompress.layers.heads import (
 )
 from kdcompress.layers.tt import TTConv2d, TTLinear
 from kdcompress.losses.functional import kd_loss
+from kdcompress.scoring import MetricLike
 from kdcompress.training import FitConfig, accuracy, fit
 
 __all__ = ["prune", "IMPORTANCES", "ALLOCATIONS", "PRUNE_RATIOS", "channel_counts",
@@ -76,7 +77,8 @@ def prune(
     recovery_lr: float = 3e-3, recovery_batch_size: int | None = None,
     teacher: nn.Module | None = None,
     round_to: int | None = None, ignored_layers: list[str] | None = None,
-    allocation: str = "uniform", data: Task | None = None, ctx: StageContext | None = None,
+    allocation: str = "uniform", metric: MetricLike | None = None, data: Task | None = None,
+    ctx: StageContext | None = None,
 ) -> nn.Module:
     """Remove a fraction of the channels of every prunable layer (or of the whole model).
 
@@ -114,6 +116,9 @@ def prune(
         drops interpolated between the measured ratios) with
         :func:`kdcompress.analysis.allocate.allocate`, so that the sum of the predicted drops
         is least; the per-group ratios go to ``ctx.record("allocation", ...)``.
+    metric : str or callable, optional
+        What ``allocation="sensitivity"`` scores: the pipeline's metric (given by the pipeline,
+        so that the stage's cache key holds it); top-1 accuracy on a direct call without it.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -169,7 +174,8 @@ def prune(
     ctx.record("ignored_layers", sorted(ignored))
     ratio_dict = None
     if allocation == "sensitivity" and ratio > 0:
-        ratio_dict, plan = _allocate_ratios(model, ctx, ratio, ignored, round_to)
+        ratio_dict, plan = _allocate_ratios(model, ctx, ratio, ignored, round_to,
+                                            metric if metric is not None else ctx.metric)
         ctx.record("allocation", plan)
     import torch_pruning as tp
 
@@ -352,7 +358,8 @@ def _curve_options(channels: int, anchors: list[tuple[int, float]], round_to: in
 
 
 def _allocate_ratios(model: nn.Module, ctx: StageContext, ratio: float,
-                     ignored: dict[str, nn.Module], round_to: int | None
+                     ignored: dict[str, nn.Module], round_to: int | None,
+                     metric: MetricLike = "accuracy",
                      ) -> tuple[dict[nn.Module, float], dict[str, Any]]:
     """The per-group ratios of ``allocation="sensitivity"`` and the record of the choice.
 
@@ -366,7 +373,7 @@ def _allocate_ratios(model: nn.Module, ctx: StageContext, ratio: float,
     from kdcompress.analysis.sensitivity import sensitivity
 
     ladder = tuple(sorted({*PRUNE_RATIOS, round(float(ratio), 6)}))
-    sens = sensitivity(model, ctx.data, kinds=("prune",), ratios=ladder)
+    sens = sensitivity(model, ctx.data, kinds=("prune",), ratios=ladder, metric=metric)
     groups = _group_curves(model, sens, ignored, round_to, ratio)
     if not groups:
         raise StageError("prune: allocation='sensitivity' found no prunable group to measure "

@@ -68,6 +68,7 @@ from kdcompress.data import Task
 from kdcompress.declare import Choice, Float, Int, check_arguments, stage
 from kdcompress.errors import StageError
 from kdcompress.metrics import MeasureConfig, time_calls
+from kdcompress.scoring import Metric, MetricLike
 
 __all__ = ["quantize_onnx", "Int8Graphs", "keep_fp32", "QuantizerLog", "explain_slow_int8",
            "int8_reduce_range",
@@ -103,8 +104,8 @@ _LOG_MATTERS = ("not quantized", "skip to quantize", "failed", "exceeds the rang
 def quantize_onnx(
     model: OnnxModel, *, mode: str = "static", calibration: str = "minmax", samples: int = 256,
     per_channel: bool = True, max_drop: float | None = None,
-    reduce_range: bool | str = "auto", data: Task | None = None,
-    ctx: StageContext | None = None,
+    reduce_range: bool | str = "auto", metric: MetricLike | None = None,
+    data: Task | None = None, ctx: StageContext | None = None,
 ) -> OnnxModel:
     """Quantize an fp32 ONNX graph to int8 with ONNX Runtime.
 
@@ -129,6 +130,10 @@ def quantize_onnx(
     reduce_range : {"auto", True, False}
         7-bit weights (see the module docstring). ``"auto"``: on x86-64 CPUs without VNNI/AMX,
         where 8-bit weights saturate ONNX Runtime's int8 kernels.
+    metric : str or callable, optional
+        What ``max_drop`` is measured in: the pipeline's metric (given by the pipeline, so that
+        the stage's cache key holds it); top-1 accuracy on a direct call without it. Unused
+        without ``max_drop``.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -191,7 +196,8 @@ def quantize_onnx(
             kept = []
             ctx.record("format", "QOperator (dynamic)")
         if max_drop is not None:
-            everything_reverted = _meet_budget(model, graphs, path, kept, max_drop, ctx)
+            everything_reverted = _meet_budget(model, graphs, path, kept, max_drop, ctx,
+                                               metric if metric is not None else ctx.metric)
     finally:
         graphs.close()
         ctx.record("quantizer_log", qlog.lines())
@@ -524,7 +530,7 @@ def _quantize_static_fastest(graphs: Int8Graphs, target: Path, ctx: StageContext
 
 
 def _meet_budget(model: OnnxModel, graphs: Int8Graphs, path: Path, kept: list[str],
-                 max_drop: float, ctx: StageContext) -> bool:
+                 max_drop: float, ctx: StageContext, metric: MetricLike = "accuracy") -> bool:
     """Move the costliest nodes back to fp32 until validation accuracy is within ``max_drop``.
 
     Replaces the graph at ``path`` when nodes go back; records what went back and why, and how
@@ -537,8 +543,9 @@ def _meet_budget(model: OnnxModel, graphs: Int8Graphs, path: Path, kept: list[st
     with tempfile.TemporaryDirectory(prefix="kdcompress-int8-budget-") as tmp:
         full = OnnxModel(shutil.copyfile(path, Path(tmp) / "full_int8.onnx"))
         outcome = revert_to_budget(model, full, graphs, candidates, x, y, max_drop=max_drop,
-                                   folder=Path(tmp), exclude=kept)
+                                   folder=Path(tmp), exclude=kept, metric=metric)
         ctx.record("max_drop", max_drop)
+        ctx.record("max_drop_metric", Metric.resolve(metric).name)
         ctx.record("val_samples", len(y))
         ctx.record("val_accuracy_fp32", round(outcome.fp32, 6))
         ctx.record("val_accuracy_int8", round(outcome.int8, 6))

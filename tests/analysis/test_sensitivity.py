@@ -232,3 +232,36 @@ def test_int8_cells_of_an_onnx_graph(cnn_onnx, digits_task, tmp_path):
     expected = float((predict(cnn_onnx, x[:100]).argmax(1) == y[:100]).float().mean())
     assert result.baseline == pytest.approx(expected, abs=1e-6)
     assert "## int8" in result.save(tmp_path, plot=False)["md"].read_text()
+
+
+def recall_of_zero(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Recall of class 0: a metric that differs from top-1 accuracy."""
+    zeros = labels == 0
+    return float((logits.argmax(1)[zeros] == 0).float().mean()) if zeros.any() else 1.0
+
+
+def test_cells_score_the_metric_they_are_given(trained_cnn, digits_task):
+    x, y = digits_task.arrays("val")
+    x, y = x[:150], y[:150]
+    result = sensitivity(trained_cnn, digits_task, kinds=("tt", "prune"), ranks=(1, 4),
+                         ratios=(0.7,), samples=150, layers=[nn.Linear, nn.Conv2d],
+                         metric=recall_of_zero)
+    top1 = sensitivity(trained_cnn, digits_task, kinds=("tt", "prune"), ranks=(1, 4),
+                       ratios=(0.7,), samples=150, layers=[nn.Linear, nn.Conv2d])
+    assert result.metric == "recall_of_zero" and top1.metric == "accuracy"
+    with torch.no_grad():
+        assert result.baseline == pytest.approx(recall_of_zero(trained_cnn.eval()(x), y),
+                                                abs=1e-6)
+    for cell in result.cells:  # each cell's metric from a full pass of the changed model
+        if cell.kind == "prune":
+            changed = prune_group(trained_cnn, x[:2], cell.layer, cell.setting)
+        else:
+            new, _ = decompose_layer(trained_cnn.get_submodule(cell.layer), method=cell.kind,
+                                     rank=cell.setting)
+            changed = set_module(copy.deepcopy(trained_cnn), cell.layer, new)
+        with torch.no_grad():
+            expected = recall_of_zero(changed.eval()(x), y)
+        assert cell.accuracy == pytest.approx(expected, abs=1e-6), cell
+        assert cell.drop == pytest.approx(100 * (result.baseline - expected), abs=1e-3)
+    # the metric was used, not top-1: some cell scores differently
+    assert [c.accuracy for c in result.cells] != [c.accuracy for c in top1.cells]

@@ -431,3 +431,37 @@ def test_int8_logits_stay_close_to_fp32_on_this_cpu(mode, arch, task):
     x, _ = task.arrays("test")
     ref, out = fp32.predict(x), int8.predict(x)
     assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def recall_of_zero(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    zeros = labels == 0
+    return float((logits.argmax(1)[zeros] == 0).float().mean())
+
+
+def test_max_drop_is_measured_in_the_metric_it_is_given(mlp2, task):
+    fp32 = export_onnx(make_fragile(mlp2), data=task)
+    ctx = StageContext.standalone("int8", task)
+    quantize_onnx(fp32, mode="static", max_drop=3.0, metric=recall_of_zero, ctx=ctx)
+    d = ctx.details
+    x, y = task.arrays("val")
+    assert d["max_drop_metric"] == "recall_of_zero"
+    assert d["val_accuracy_fp32"] == pytest.approx(recall_of_zero(fp32.predict(x), y))
+    assert d["val_accuracy_fp32"] != pytest.approx(val_top1(fp32, task))  # not top-1
+    assert d["val_accuracy"] >= d["val_accuracy_fp32"] - 0.03
+
+
+def test_the_pipeline_s_metric_reaches_max_drop_and_keys_the_stage_s_cache(tmp_path, task):
+    def build(metric):
+        pipeline = Pipeline("metric_int8", data=task, seed=0, metric=metric)
+        teacher = pipeline.stage(train, out="teacher", model=models.mlp(hidden=(16,)),
+                                 epochs=1)
+        fp32 = pipeline.stage(export_onnx, out="fp32", model=teacher)
+        pipeline.stage(quantize_onnx, out="int8", model=fp32, max_drop=1.0)
+        return pipeline
+
+    build("accuracy").run(out=tmp_path / "run", plot=False)
+    report = build(recall_of_zero).run(out=tmp_path / "run", plot=False)
+    rows = {r.name: r for r in report.stages}
+    assert rows["teacher"].cached and rows["fp32"].cached  # their results do not use it
+    assert not rows["int8"].cached  # its choice does: a new metric, a new stage version
+    assert rows["int8"].details["max_drop_metric"] == "recall_of_zero"
