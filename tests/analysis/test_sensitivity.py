@@ -30,13 +30,17 @@ def _brute_force(model: nn.Module, task: data.Task, cell: Cell, samples: int
     """The cell's accuracy from a full forward pass of the whole changed model, and its MACs."""
     x, y = task.arrays("val")
     x, y = x[:samples], y[:samples]
-    if cell.kind == "prune":
-        changed = prune_group(model, x[:2], cell.layer, cell.setting)
-    else:
-        new, _ = decompose_layer(model.get_submodule(cell.layer), method=cell.kind,
-                                 rank=cell.setting)
-        changed = set_module(copy.deepcopy(model), cell.layer, new)
+    changed = _changed(model, cell, x)
     return _accuracy(changed, x, y), count_macs(changed, x[:1])
+
+
+def _changed(model: nn.Module, cell: Cell, x: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with the change of ``cell`` made the slow, obvious way."""
+    if cell.kind == "prune":
+        return prune_group(model, x[:2], cell.layer, cell.setting)
+    new, _ = decompose_layer(model.get_submodule(cell.layer), method=cell.kind,
+                             rank=cell.setting)
+    return set_module(copy.deepcopy(model), cell.layer, new)
 
 
 class Residual(nn.Module):
@@ -253,14 +257,8 @@ def test_cells_score_the_metric_they_are_given(trained_cnn, digits_task):
         assert result.baseline == pytest.approx(recall_of_zero(trained_cnn.eval()(x), y),
                                                 abs=1e-6)
     for cell in result.cells:  # each cell's metric from a full pass of the changed model
-        if cell.kind == "prune":
-            changed = prune_group(trained_cnn, x[:2], cell.layer, cell.setting)
-        else:
-            new, _ = decompose_layer(trained_cnn.get_submodule(cell.layer), method=cell.kind,
-                                     rank=cell.setting)
-            changed = set_module(copy.deepcopy(trained_cnn), cell.layer, new)
         with torch.no_grad():
-            expected = recall_of_zero(changed.eval()(x), y)
+            expected = recall_of_zero(_changed(trained_cnn, cell, x).eval()(x), y)
         assert cell.accuracy == pytest.approx(expected, abs=1e-6), cell
         assert cell.drop == pytest.approx(100 * (result.baseline - expected), abs=1e-3)
     # the metric was used, not top-1: some cell scores differently
