@@ -99,7 +99,8 @@ def build(name: str, task: data.Task, args: argparse.Namespace) -> Pipeline:
     pruned = pipeline.stage(prune, out="pruned", model=student_kd, ratio=recipe.prune_ratio,
                             teacher=teacher, recovery_epochs=args.recovery_epochs)
     fp32 = pipeline.stage(export_onnx, out="fp32", model=pruned)
-    pipeline.stage(quantize_onnx, out="int8", model=fp32, mode=recipe.quantize)
+    pipeline.stage(quantize_onnx, out="int8", model=fp32, mode=recipe.quantize,
+                   short_names=True)
     return pipeline
 
 

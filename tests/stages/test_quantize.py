@@ -107,6 +107,7 @@ BAD_SETTINGS = [
     ({"per_channel": "yes"}, "per_channel must be one of True, False, but got 'yes'."),
     ({"max_drop": -0.5}, "max_drop must be >= 0, but got -0.5"),
     ({"max_drop": "0.3"}, "max_drop must be a number, got '0.3'"),
+    ({"short_names": "yes"}, "short_names must be one of True, False, but got 'yes'."),
 ]
 
 
@@ -465,3 +466,40 @@ def test_the_pipeline_s_metric_reaches_max_drop_and_keys_the_stage_s_cache(tmp_p
     assert rows["teacher"].cached and rows["fp32"].cached  # their results do not use it
     assert not rows["int8"].cached  # its choice does: a new metric, a new stage version
     assert rows["int8"].details["max_drop_metric"] == "recall_of_zero"
+
+
+def test_short_names_shrink_the_file_and_change_no_output(cnn_fp32, task):
+    ctx = StageContext.standalone("int8", task)
+    long = quantize_onnx(cnn_fp32, mode="static", samples=64, data=task)
+    short = quantize_onnx(cnn_fp32, mode="static", samples=64, short_names=True, ctx=ctx)
+    assert short.size_bytes < 0.9 * long.size_bytes
+    assert ctx.details["short_names"] == {"bytes_before": long.size_bytes,
+                                          "bytes_after": short.size_bytes}
+    x, _ = task.arrays("test")
+    assert torch.equal(short.predict(x[:50]), long.predict(x[:50]))  # the same computation
+    a, b = onnx.load(str(long.path)).graph, onnx.load(str(short.path)).graph
+    assert [n.name for n in a.node] == [n.name for n in b.node]  # nodes keep their names
+    assert [v.name for v in a.input] == [v.name for v in b.input]
+    assert [v.name for v in a.output] == [v.name for v in b.output]
+    assert max(len(t.name) for t in b.initializer) <= 4 and not b.value_info
+    onnx.checker.check_model(onnx.load(str(short.path)))
+
+
+def test_short_names_refuse_a_graph_with_control_flow(tmp_path):
+    from onnx import TensorProto, helper
+
+    from kdcompress.stages.quantize import shorten_names
+
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["y_then"])], "then", [],
+                               [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    before = path.read_bytes()
+    with pytest.raises(StageError, match="if.onnx has control flow"):
+        shorten_names(path)
+    assert path.read_bytes() == before  # left as it was
