@@ -101,8 +101,6 @@ def main() -> None:
                   f"{point.latency_ms['batch_64']['p50']:.3f} ms"
                   + (f" -> {args.out / 'search' / f'best-{objective}.py'}"
                      if f"best-{objective}.py" in point.files else ""))
-
-
     print("\n" + "\n".join(bars(doc)))
 
 

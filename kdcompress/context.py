@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kdcompress.data import Task
-from kdcompress.scoring import Metric
+from kdcompress.scoring import Metric, MetricLike
 
 __all__ = ["StageContext", "ProgressFn", "EpochFn"]
 
@@ -106,6 +106,14 @@ class StageContext:
         """
         if self.on_epoch is not None:
             self.on_epoch(epoch, metrics)
+
+
+def stage_metric(metric: MetricLike | None, ctx: StageContext | None) -> Metric:
+    """What a stage's automatic choice scores: its ``metric`` argument (the pipeline's, which the
+    runner passes so that the stage's cache key holds it), else the context's, else top-1."""
+    if metric is not None:
+        return Metric.resolve(metric)
+    return ctx.metric if ctx is not None else Metric.resolve("accuracy")
 
 
 def resolve_context(ctx: StageContext | None, name: str, data: Task | None,

@@ -33,7 +33,7 @@ from kdcompress.artifacts import OnnxModel
 from kdcompress.data import Task
 from kdcompress.errors import DataError, LayerError, StageError, did_you_mean
 from kdcompress.metrics import predict
-from kdcompress.scoring import MetricLike, metric_value
+from kdcompress.scoring import Metric, MetricLike, metric_value
 
 if TYPE_CHECKING:
     from kdcompress.analysis.sensitivity import Cell
@@ -193,6 +193,7 @@ def revert_to_budget(fp32: OnnxModel, int8: OnnxModel, graphs: _Graphs,
     -------
     Reversion
     """
+    metric = Metric.resolve(metric)  # once: resolving a callable tries it on a tiny input
     base = score(fp32, x, y, metric=metric)
     full = score(int8, x, y, reference=base, metric=metric)
     result = Reversion(base.accuracy, full.accuracy, full.accuracy, [], [], int8)
@@ -275,6 +276,7 @@ def int8_sensitivity(onnx: OnnxModel, data: Task, *, samples: int = 1000,
                         f"'{data.name}' has none; give it one (x_val/y_val in data.from_tensors)")
     x, y = data.arrays("val")
     x, y = x[:samples], y[:samples]
+    metric = Metric.resolve(metric)  # once: resolving a callable tries it on a tiny input
     inputs = data.calibration(_CALIBRATION_SAMPLES, seed=_SEED)
     with Int8Graphs(onnx, mode="static", inputs=inputs) as graphs:
         chosen = _pick(graphs.nodes(), nodes)

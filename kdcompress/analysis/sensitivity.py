@@ -45,7 +45,7 @@ from kdcompress.errors import DataError, InputError
 from kdcompress.layers.tensorize import LayerSpec, decompose_layer, select_layers
 from kdcompress.layers.tt import TT_LAYERS
 from kdcompress.metrics import MeasureConfig, count_macs, time_call
-from kdcompress.scoring import MetricLike, metric_value
+from kdcompress.scoring import Metric, MetricLike, metric_value
 
 __all__ = ["Cell", "Sensitivity", "sensitivity", "check_settings", "KINDS", "TORCH_KINDS",
            "prune_groups", "prune_group"]
@@ -555,6 +555,7 @@ def sensitivity(
     >>> paths = result.save("runs/sensitivity")  # doctest: +SKIP
     """
     check_settings(kinds, ranks, ratios, method, samples)
+    metric = Metric.resolve(metric)  # once: resolving a callable tries it on a tiny input
     kinds = tuple(kinds)
     int8 = int8 or "int8" in kinds
     methods = list(dict.fromkeys(method if k == "tt" else k for k in kinds if k in ("tt", "svd")))
@@ -583,11 +584,11 @@ def sensitivity(
         params = onnx.num_params
         return Sensitivity(baseline=round(baseline, 6), samples=len(x), params=params, macs=None,
                            cells=cells, seconds=round(time.perf_counter() - start, 2),
-                           timings=timings, metric=_metric_name(metric))
+                           timings=timings, metric=metric.name)
     return Sensitivity(baseline=round(run.baseline, 6), samples=len(x), params=run.params,
                        macs=run.macs, cells=cells, seconds=round(time.perf_counter() - start, 2),
                        incremental=run.rec.incremental, dense_latency_ms=run.dense,
-                       timings=timings, metric=_metric_name(metric),
+                       timings=timings, metric=metric.name,
                        notes=run.notes + ([] if run.rec.incremental or not incremental else [
                            "torch.fx could not trace the model: every cell ran a full forward "
                            "pass"]))
@@ -628,12 +629,6 @@ def _analyse_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: 
         _prune_cells(run, groups, ratios, counter, total)
         run.timings["prune"] = round(time.perf_counter() - started, 2)
     return run
-
-
-def _metric_name(metric: MetricLike) -> str:
-    from kdcompress.scoring import Metric
-
-    return Metric.resolve(metric).name
 
 
 def _int8_cells(model: Any, data: Task, onnx: OnnxModel | None, samples: int,

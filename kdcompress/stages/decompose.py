@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdcompress.analysis.allocate import Allocation, Option, allocate
-from kdcompress.context import StageContext
+from kdcompress.context import StageContext, stage_metric
 from kdcompress.data import Task
 from kdcompress.declare import Check, Choice, Float, check_arguments, stage
 from kdcompress.errors import LayerError, PipelineError, StageError
@@ -175,7 +175,7 @@ def decompose_tt(
     model = as_module(model, task)
     if budget is not None:
         return _decompose_to_budget(model, task, budget, budget_by, layers, method, ctx,
-                                    tol=tol, ratio=ratio, metric=_metric(metric, ctx))
+                                    tol=tol, ratio=ratio, metric=stage_metric(metric, ctx))
     if tol is not None or ratio is not None:
         rank = None
     new_model, records = tensorize(model, layers=layers, rank=rank, tol=tol, ratio=ratio,
@@ -344,10 +344,3 @@ def _summary(budget: float, by: str, target: int, reached: int, costs: _Costs,
             "allocator": result.method, "method": method, "ladder": list(BUDGET_RANKS),
             "baseline_accuracy": sens.baseline, "samples": sens.samples,
             "sensitivity_seconds": round(sens.seconds, 2)}
-
-
-def _metric(metric: MetricLike | None, ctx: StageContext | None) -> MetricLike:
-    """The metric a stage's automatic choice scores: its ``metric`` argument, else the run's."""
-    if metric is not None:
-        return metric
-    return ctx.metric if ctx is not None else "accuracy"

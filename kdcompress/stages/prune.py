@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcompress.analysis.allocate import Allocation, Option, allocate, cost_range
-from kdcompress.context import StageContext, resolve_context
+from kdcompress.context import StageContext, resolve_context, stage_metric
 from kdcompress.data import Task
 from kdcompress.declare import Choice, Float, Int, check_arguments, spec_of, stage
 from kdcompress.errors import PipelineError, StageError, did_you_mean
@@ -175,7 +175,7 @@ def prune(
     ratio_dict = None
     if allocation == "sensitivity" and ratio > 0:
         ratio_dict, plan = _allocate_ratios(model, ctx, ratio, ignored, round_to,
-                                            metric if metric is not None else ctx.metric)
+                                            stage_metric(metric, ctx))
         ctx.record("allocation", plan)
     import torch_pruning as tp
 

@@ -63,7 +63,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 from kdcompress.artifacts import OnnxModel
-from kdcompress.context import StageContext, resolve_context
+from kdcompress.context import StageContext, resolve_context, stage_metric
 from kdcompress.data import Task
 from kdcompress.declare import Choice, Float, Int, check_arguments, stage
 from kdcompress.errors import StageError
@@ -205,7 +205,7 @@ def quantize_onnx(
             ctx.record("format", "QOperator (dynamic)")
         if max_drop is not None:
             everything_reverted = _meet_budget(model, graphs, path, kept, max_drop, ctx,
-                                               metric if metric is not None else ctx.metric)
+                                               stage_metric(metric, ctx))
     finally:
         graphs.close()
         ctx.record("quantizer_log", qlog.lines())
@@ -575,7 +575,7 @@ def _quantize_static_fastest(graphs: Int8Graphs, target: Path, ctx: StageContext
 
 
 def _meet_budget(model: OnnxModel, graphs: Int8Graphs, path: Path, kept: list[str],
-                 max_drop: float, ctx: StageContext, metric: MetricLike = "accuracy") -> bool:
+                 max_drop: float, ctx: StageContext, metric: Metric) -> bool:
     """Move the costliest nodes back to fp32 until validation accuracy is within ``max_drop``.
 
     Replaces the graph at ``path`` when nodes go back; records what went back and why, and how
@@ -590,7 +590,7 @@ def _meet_budget(model: OnnxModel, graphs: Int8Graphs, path: Path, kept: list[st
         outcome = revert_to_budget(model, full, graphs, candidates, x, y, max_drop=max_drop,
                                    folder=Path(tmp), exclude=kept, metric=metric)
         ctx.record("max_drop", max_drop)
-        ctx.record("max_drop_metric", Metric.resolve(metric).name)
+        ctx.record("max_drop_metric", metric.name)
         ctx.record("val_samples", len(y))
         ctx.record("val_accuracy_fp32", round(outcome.fp32, 6))
         ctx.record("val_accuracy_int8", round(outcome.int8, 6))
