@@ -172,6 +172,8 @@ def quantize_onnx(
                                     "per_channel": per_channel, "max_drop": max_drop,
                                     "reduce_range": reduce_range, "short_names": short_names})
     _check_model(model)
+    if short_names:  # refuse before quantizing, not after
+        _refuse_control_flow(_load_graph(model.path), model.path)
     ctx = resolve_context(ctx, "quantize_onnx", data)
     if max_drop is not None:
         _validation(ctx.data, max_drop)  # no validation split: fail before quantizing
@@ -241,11 +243,23 @@ def _check_model(model: Any) -> None:
                          f"got {type(model).__name__}; add an export_onnx stage before it")
 
 
-def _op_types(model: OnnxModel) -> set[str]:
+def _load_graph(path: Path) -> Any:
     import onnx
 
-    proto = onnx.load(str(model.path), load_external_data=False)
-    return {node.op_type for node in proto.graph.node}
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def _op_types(model: OnnxModel) -> set[str]:
+    return {node.op_type for node in _load_graph(model.path).node}
+
+
+def _refuse_control_flow(graph: Any, path: Path) -> None:
+    """``short_names`` cannot rename a graph whose nodes carry subgraphs (If/Loop/Scan)."""
+    ops = sorted({node.op_type for node in graph.node
+                  if any(a.g.node or a.graphs for a in node.attribute)})
+    if ops:
+        raise StageError(f"short_names: {path.name} has control flow ({', '.join(ops)}), whose "
+                         "subgraphs read outer names; leave short_names off for this graph")
 
 
 def _validation(task: Task, max_drop: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,9 +495,7 @@ def shorten_names(path: Path) -> None:
 
     proto = onnx.load(str(path))
     graph = proto.graph
-    if any(a.g.node or a.graphs for node in graph.node for a in node.attribute):
-        raise StageError(f"short_names: {path.name} has control flow (If/Loop/Scan), whose "
-                         "subgraphs read outer names; leave short_names off for this graph")
+    _refuse_control_flow(graph, path)
     keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
     names: dict[str, str] = {}
 

@@ -500,6 +500,9 @@ def test_short_names_refuse_a_graph_with_control_flow(tmp_path):
     path = tmp_path / "if.onnx"
     onnx.save(helper.make_model(graph), str(path))
     before = path.read_bytes()
-    with pytest.raises(StageError, match="if.onnx has control flow"):
+    with pytest.raises(StageError, match=r"if.onnx has control flow \(If\)"):
         shorten_names(path)
     assert path.read_bytes() == before  # left as it was
+    # the stage says so before it quantizes anything
+    with pytest.raises(StageError, match=r"short_names: if.onnx has control flow \(If\)"):
+        quantize_onnx(OnnxModel(path), short_names=True, data=data.digits())
