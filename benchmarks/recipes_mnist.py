@@ -18,10 +18,13 @@ What is decomposed, and why (:data:`RECIPES`):
 * mobilenet (width 16, expansion 4): the 1x1 expand/project convolutions of the blocks from the
   third stage on and the 1x1 head conv (~75% of the weights). Depthwise convolutions hold few
   weights and have no TT form here.
-* transformer (dim 64, depth 4, 4 heads): the MLP (``fc1``, ``fc2``) and the attention output
+* transformer (dim 64, depth 4, 4 heads, MLP ratio 4 as in ViT): the MLP (``fc1``, ``fc2``) and the attention output
   projection ``proj`` of every block. ``q``/``k``/``v`` stay dense so that ``prune`` removes
   whole heads (the heads' columns of the TT ``proj`` go with them); a TT layer's outputs are
   never pruned, so TT q/k/v would leave nothing to prune.
+
+Every int8 file is written with ``compact=True``: at these sizes most of a QDQ file is names,
+zero points and per-channel metadata, not weights.
 
     python benchmarks/recipes_mnist.py --data /work/shared/data/mnist            # full size
     python benchmarks/recipes_mnist.py --data DIR --train-limit 500 --epochs 1 \\
@@ -78,10 +81,10 @@ def _transformer_layers(depth: int) -> list[str]:
 RECIPES: dict[str, Recipe] = {
     "resnet": Recipe(models.resnet(depth=14, width=16), _resnet_layers(14), rank=16,
                      prune_ratio=0.3, quantize="static"),
-    "mobilenet": Recipe(models.mobilenet(width=16, expansion=4), _mobilenet_layers(), rank=8,
-                        prune_ratio=0.3, quantize="static"),
-    "transformer": Recipe(models.transformer(dim=64, depth=4, heads=4), _transformer_layers(4),
-                          rank=8, prune_ratio=0.5, quantize="dynamic"),
+    "mobilenet": Recipe(models.mobilenet(width=16, expansion=4), _mobilenet_layers(), rank=4,
+                        prune_ratio=0.5, quantize="static"),
+    "transformer": Recipe(models.transformer(dim=64, depth=4, heads=4, mlp_ratio=4.0),
+                          _transformer_layers(4), rank=4, prune_ratio=0.7, quantize="dynamic"),
 }
 
 
@@ -100,7 +103,7 @@ def build(name: str, task: data.Task, args: argparse.Namespace) -> Pipeline:
                             teacher=teacher, recovery_epochs=args.recovery_epochs)
     fp32 = pipeline.stage(export_onnx, out="fp32", model=pruned)
     pipeline.stage(quantize_onnx, out="int8", model=fp32, mode=recipe.quantize,
-                   short_names=True)
+                   compact=True)
     return pipeline
 
 

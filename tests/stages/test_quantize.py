@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -107,7 +108,7 @@ BAD_SETTINGS = [
     ({"per_channel": "yes"}, "per_channel must be one of True, False, but got 'yes'."),
     ({"max_drop": -0.5}, "max_drop must be >= 0, but got -0.5"),
     ({"max_drop": "0.3"}, "max_drop must be a number, got '0.3'"),
-    ({"short_names": "yes"}, "short_names must be one of True, False, but got 'yes'."),
+    ({"compact": "yes"}, "compact must be one of True, False, but got 'yes'."),
 ]
 
 
@@ -468,27 +469,75 @@ def test_the_pipeline_s_metric_reaches_max_drop_and_keys_the_stage_s_cache(tmp_p
     assert rows["int8"].details["max_drop_metric"] == "recall_of_zero"
 
 
-def test_short_names_shrink_the_file_and_change_no_output(cnn_fp32, task):
+def _fused_ops(path) -> collections.Counter:
+    """The ops of the graph ONNX Runtime builds from ``path`` at load time (after fusion)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path) + ".optimized"
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
+                               .graph.node)
+
+
+def _compact_pair(fp32, task, mode):
     ctx = StageContext.standalone("int8", task)
-    long = quantize_onnx(cnn_fp32, mode="static", samples=64, data=task)
-    short = quantize_onnx(cnn_fp32, mode="static", samples=64, short_names=True, ctx=ctx)
-    assert short.size_bytes < 0.9 * long.size_bytes
-    assert ctx.details["short_names"] == {"bytes_before": long.size_bytes,
-                                          "bytes_after": short.size_bytes}
+    long = quantize_onnx(fp32, mode=mode, samples=64, data=task)
+    small = quantize_onnx(fp32, mode=mode, samples=64, compact=True, ctx=ctx)
+    return long, small, ctx.details["compact"]
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_compact_shrinks_the_file_and_changes_no_output(cnn_fp32, mlp_fp32, task, mode):
+    fp32 = cnn_fp32 if mode == "static" else mlp_fp32
+    long, small, record = _compact_pair(fp32, task, mode)
+    assert small.size_bytes < 0.9 * long.size_bytes
+    assert record["bytes_before"] == long.size_bytes and record["bytes_after"] == small.size_bytes
     x, _ = task.arrays("test")
-    assert torch.equal(short.predict(x[:50]), long.predict(x[:50]))  # the same computation
-    a, b = onnx.load(str(long.path)).graph, onnx.load(str(short.path)).graph
-    assert [n.name for n in a.node] == [n.name for n in b.node]  # nodes keep their names
+    assert torch.equal(small.predict(x[:50]), long.predict(x[:50]))  # the same computation
+    # ... run the same way: ONNX Runtime fuses the compact graph into the same kernels
+    assert _fused_ops(small.path) == _fused_ops(long.path)
+    a, b = onnx.load(str(long.path)).graph, onnx.load(str(small.path)).graph
+    parent = {n.name for n in onnx.load(str(fp32.path)).graph.node}
+    assert {n.name for n in b.node} - {""} == {n.name for n in a.node} & parent
     assert [v.name for v in a.input] == [v.name for v in b.input]
     assert [v.name for v in a.output] == [v.name for v in b.output]
     assert max(len(t.name) for t in b.initializer) <= 4 and not b.value_info
-    onnx.checker.check_model(onnx.load(str(short.path)))
+    onnx.checker.check_model(onnx.load(str(small.path)))
+    if mode == "static":  # symmetric weights and int32 biases of the convolutions
+        assert record["zero_points"] > 0 and record["attributes"] > 0
 
 
-def test_short_names_refuse_a_graph_with_control_flow(tmp_path):
+def test_compact_keeps_the_zero_points_ort_needs_to_fuse_gemm(cnn_fp32, task):
+    _, small, _ = _compact_pair(cnn_fp32, task, "static")
+    graph = onnx.load(str(small.path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert gemms  # the classifier
+    for gemm in gemms:
+        for name in gemm.input[1:]:
+            assert len(producers[name].input) == 3  # weight and bias keep their zero points
+    fused = _fused_ops(small.path)
+    assert fused["QGemm"] == len(gemms) and not fused["Gemm"]
+
+
+def test_compact_drops_zero_points_of_matmul_weights_and_fuses_the_same(task):
+    torch.manual_seed(0)
+    vit = models.transformer(dim=16, depth=1, heads=2, input_shape=(1, 8, 8),
+                             num_classes=10).build().eval()
+    fp32 = export_onnx(vit, data=task)
+    long, small, record = _compact_pair(fp32, task, "static")
+    assert record["zero_points"] > 0
+    assert _fused_ops(small.path) == _fused_ops(long.path)
+    x, _ = task.arrays("test")
+    assert torch.equal(small.predict(x[:20]), long.predict(x[:20]))
+
+
+def test_compact_refuses_a_graph_with_control_flow(tmp_path):
     from onnx import TensorProto, helper
 
-    from kdcompress.stages.quantize import shorten_names
+    from kdcompress.onnx_compact import compact_graph
 
     branch = helper.make_graph([helper.make_node("Identity", ["x"], ["y_then"])], "then", [],
                                [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [1])])
@@ -501,8 +550,8 @@ def test_short_names_refuse_a_graph_with_control_flow(tmp_path):
     onnx.save(helper.make_model(graph), str(path))
     before = path.read_bytes()
     with pytest.raises(StageError, match=r"if.onnx has control flow \(If\)"):
-        shorten_names(path)
+        compact_graph(path)
     assert path.read_bytes() == before  # left as it was
     # the stage says so before it quantizes anything
-    with pytest.raises(StageError, match=r"short_names: if.onnx has control flow \(If\)"):
-        quantize_onnx(OnnxModel(path), short_names=True, data=data.digits())
+    with pytest.raises(StageError, match=r"compact: if.onnx has control flow \(If\)"):
+        quantize_onnx(OnnxModel(path), compact=True, data=data.digits())
