@@ -18,10 +18,10 @@ What is decomposed, and why (:data:`RECIPES`):
 * mobilenet (width 16, expansion 4): the 1x1 expand/project convolutions of the blocks from the
   third stage on and the 1x1 head conv (~75% of the weights). Depthwise convolutions hold few
   weights and have no TT form here.
-* transformer (dim 64, depth 4, 4 heads, MLP ratio 4 as in ViT): the MLP (``fc1``, ``fc2``) and the attention output
-  projection ``proj`` of every block. ``q``/``k``/``v`` stay dense so that ``prune`` removes
-  whole heads (the heads' columns of the TT ``proj`` go with them); a TT layer's outputs are
-  never pruned, so TT q/k/v would leave nothing to prune.
+* transformer (dim 64, depth 4, 4 heads, MLP ratio 4 as in ViT): the MLP (``fc1``, ``fc2``)
+  and the attention output projection ``proj`` of every block. ``q``/``k``/``v`` stay dense so
+  that ``prune`` removes whole heads (the heads' columns of the TT ``proj`` go with them); a TT
+  layer's outputs are never pruned, so TT q/k/v would leave nothing to prune.
 
 Every int8 file is written with ``compact=True``: at these sizes most of a QDQ file is names,
 zero points and per-channel metadata, not weights.
