@@ -7,8 +7,9 @@ float32 bias scale and an int32 bias zero point (17 bytes), and each of the 325 
 30-50 characters and five Conv attributes spelling out their defaults. :func:`compact_graph`
 removes what the computation does not need:
 
-* tensor names become a few hexadecimal digits (the graph's inputs and outputs keep theirs) and
-  ``value_info`` goes (ONNX Runtime infers the shapes it held);
+* tensor names become a few hexadecimal digits (the graph's inputs and outputs keep theirs),
+  in ``value_info`` too: the shapes it holds stay, because ONNX Runtime needs some of them to
+  fuse (without them a ViT's int8 graph lost a ``SkipLayerNormalization``);
 * nodes not in ``keep_names`` lose their names: the quantizer's own ``QuantizeLinear`` /
   ``DequantizeLinear`` nodes, whose names only repeat their tensor's;
 * the zero point of a ``DequantizeLinear`` of a constant (a weight or a bias) is dropped when it
@@ -135,7 +136,8 @@ def compact_graph(path: str | Path, keep_names: Collection[str] = ()) -> dict[st
     for node in graph.node:
         node.input[:] = [short(n) for n in node.input]
         node.output[:] = [short(n) for n in node.output]
-    del graph.value_info[:]
+    for info in graph.value_info:
+        info.name = short(info.name)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return {"bytes_before": before, "bytes_after": path.stat().st_size,

@@ -135,7 +135,7 @@ def quantize_onnx(
         where 8-bit weights saturate ONNX Runtime's int8 kernels.
     compact : bool
         Write the smallest file for the same computation (:func:`kdcompress.onnx_compact.
-        compact_graph`): short tensor names, unnamed quantizer nodes, no ``value_info``, no
+        compact_graph`): short tensor names, unnamed quantizer nodes, no
         all-zero zero points of weights and biases, no Conv attributes at their defaults. A
         small model's int8 file is mostly not weights: the int8 graph of a pruned TT
         ``models.mobilenet(width=16)`` went from 75.8 KB to 52.7 KB, its outputs bit-identical.
