@@ -47,7 +47,7 @@ from kdcompress.models import ModelSpec
 from kdcompress.report import Report
 from kdcompress.stages import decompose_tt, distill, export_onnx, prune, quantize_onnx, train
 
-#: Default size of the training split: about 10 minutes per recipe on 2 quiet cores (see README).
+#: Default size of the training split: 10-30 minutes per recipe on 2 quiet cores (see README).
 TRAIN_LIMIT = 10_000
 
 
@@ -159,8 +159,8 @@ def main() -> None:
                         help=f"first N training images (default {TRAIN_LIMIT}); validation "
                              "(5,000) and test (10,000) are always whole")
     parser.add_argument("--epochs", type=int, default=8, help="teacher training epochs")
-    parser.add_argument("--distill-epochs", type=int, default=8)
-    parser.add_argument("--recovery-epochs", type=int, default=2,
+    parser.add_argument("--distill-epochs", type=int, default=16)
+    parser.add_argument("--recovery-epochs", type=int, default=8,
                         help="distillation epochs after pruning")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES),
                         default=["resnet", "mobilenet", "transformer"])
