@@ -42,13 +42,15 @@ def fine_tune_head(model: nn.Module, *, epochs: int = 2, lr: float = 1e-3,
     return model.requires_grad_(True).cpu().eval()
 
 
-def build() -> Pipeline:
+def build(teacher_epochs: int = 10, student_epochs: int = 8) -> Pipeline:
     """The pipeline: teacher -> TT student -> KD -> user fine-tune -> ONNX -> int8."""
     pipeline = Pipeline("python_api", data=data.digits(), seed=0)
-    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=32), epochs=10)
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=32),
+                             epochs=teacher_epochs)
     student = pipeline.stage(decompose_tt, out="student", model=teacher, rank=6)
     student_kd = pipeline.stage(distill, out="student_kd", student=student, teacher=teacher,
-                                loss=KD(temperature=4) * 0.9 + CE() * 0.1, epochs=8)
+                                loss=KD(temperature=4) * 0.9 + CE() * 0.1,
+                                epochs=student_epochs)
     tuned = pipeline.stage(fine_tune_head, out="tuned", model=student_kd, epochs=2)
     fp32 = pipeline.stage(export_onnx, out="fp32", model=tuned)
     pipeline.stage(quantize_onnx, out="int8", model=fp32, mode="static")
@@ -59,7 +61,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/python_api")
     args = parser.parse_args()
-    report = build().run(out=args.out, console=RichProgress())
+    report = build().run(out=args.out, progress=RichProgress())
     final = report.row("int8")
-    print(f"int8: accuracy {final['accuracy']:.4f}, {final['smaller_by']}x smaller than the "
-          f"teacher, agreement with it {final['agreement']:.4f}")
+    print(f"int8: accuracy {final.accuracy:.4f}, {final.smaller_by:.1f}x smaller than the "
+          f"teacher, agreement with it {final.agreement:.4f}")
