@@ -38,6 +38,17 @@ def test_python_api_runs_the_user_stage_and_caches_every_stage(tmp_path):
     assert all(r.cached for r in again.stages)
     assert [r.accuracy for r in again.stages] == [r.accuracy for r in first.stages]
 
+    # deploy_onnxruntime.py serves that int8 graph with ONNX Runtime and numpy alone
+    deploy = load("deploy_onnxruntime")
+    model = tmp_path / "stages" / "int8" / "model.onnx"
+    x, y = data.digits().arrays("test")
+    labels, proba = deploy.classify(deploy.open_session(model, threads=1), x.numpy())
+    assert np.array_equal(labels, OnnxModel(model).predict(x).argmax(1).numpy())
+    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert (labels == y.numpy()).mean() == pytest.approx(first.row("int8").accuracy, abs=1e-6)
+    with pytest.raises(ValueError, match=r"of shape .* but got \(3, 8, 8\)"):
+        deploy.classify(deploy.open_session(model), x.numpy()[:3, 0])
+
 
 def test_own_model_folder_trains_from_pngs_and_serves_what_the_pipeline_measured(tmp_path,
                                                                                   capsys):
