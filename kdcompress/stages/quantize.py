@@ -175,8 +175,12 @@ def quantize_onnx(
                                     "per_channel": per_channel, "max_drop": max_drop,
                                     "reduce_range": reduce_range, "compact": compact})
     _check_model(model)
+    parent = _load_graph(model.path)  # read once: control flow, op types, compute node names
     if compact:  # refuse before quantizing, not after
-        refuse_control_flow(_load_graph(model.path), model.path)
+        refuse_control_flow(parent, model.path)
+    fp32_ops = {node.op_type for node in parent.node}
+    fp32_names = {node.name for node in parent.node}
+    del parent  # its weights need not stay in memory while quantizing
     ctx = resolve_context(ctx, "quantize_onnx", data)
     if max_drop is not None:
         _validation(ctx.data, max_drop)  # no validation split: fail before quantizing
@@ -184,7 +188,6 @@ def quantize_onnx(
     torch.manual_seed(ctx.seed)
     workdir = Path(ctx.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    fp32_ops = _op_types(model)
     if mode == "auto":
         mode = "static" if {"Conv", "ConvTranspose"} & fp32_ops else "dynamic"
     ctx.record("mode", mode)
@@ -218,8 +221,7 @@ def quantize_onnx(
         ctx.warn(f"ONNX Runtime's quantizer: {line}")
     ctx.record("per_channel", per_channel)
     if compact:
-        ctx.record("compact", compact_graph(path, keep_names={
-            node.name for node in _load_graph(model.path).node}))
+        ctx.record("compact", compact_graph(path, keep_names=fp32_names))
     result = OnnxModel(path)
     counts = quantized_nodes(result)
     ctx.record("quantized_nodes", counts["quantized"])
@@ -249,10 +251,6 @@ def _load_graph(path: Path) -> Any:
     import onnx
 
     return onnx.load(str(path), load_external_data=False).graph
-
-
-def _op_types(model: OnnxModel) -> set[str]:
-    return {node.op_type for node in _load_graph(model.path).node}
 
 
 def _validation(task: Task, max_drop: float) -> tuple[torch.Tensor, torch.Tensor]:
