@@ -88,16 +88,18 @@ def reproduction_arguments(parser: argparse.ArgumentParser, *, cache: str, epoch
     parser.add_argument("--cache", type=Path, default=Path(cache))
     parser.add_argument("--train-limit", type=int, default=None,
                         help="first N training images only (a quick check, not the result)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="PyTorch threads (default: every core; 1 lets two runs share two)")
 
 
 def reproduction_setup(parser: argparse.ArgumentParser, args: argparse.Namespace,
                        tag: str) -> tuple[data.Task, ResultCache]:
-    """MNIST and the result cache ``CACHE/e<epochs>-<tag>[-n<limit>]``; all CPU threads."""
+    """MNIST and the result cache ``CACHE/e<epochs>-<tag>[-n<limit>]``; ``--threads`` threads."""
     import torch
 
     if not args.data:
         parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     task = data.mnist(args.data, train_limit=args.train_limit)
     limit = f"-n{args.train_limit}" if args.train_limit else ""
     return task, ResultCache(args.cache / f"e{args.epochs}-{tag}{limit}")

@@ -90,7 +90,10 @@ def main() -> None:
                         help="MNIST folder (the four IDX files); digits when not given")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=Path("runs/distill_table"))
+    parser.add_argument("--threads", type=int, default=None, help="PyTorch threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     task = data.mnist(args.data, train_limit=args.train_limit) if args.data else data.digits()
     side = task.input_shape[-1]
     limit = f"-n{args.train_limit}" if args.train_limit else ""
