@@ -30,8 +30,9 @@ sweep
     deviation of test errors, a table and a plot.
 
 Shortened to fit 2 CPU cores: the paper trains far longer (its teacher was also trained on all
-60,000 images with stronger jitter); here every model trains ``--epochs`` epochs (default 30)
-with AdamW and cosine decay on the 55,000 training images (the last 5,000 are validation).
+60,000 images with stronger jitter); here every model trains ``--epochs`` epochs (default 30;
+``--student-epochs`` gives the students their own) with AdamW and cosine decay on the 55,000
+training images (the last 5,000 are validation).
 """
 
 from __future__ import annotations
@@ -87,12 +88,18 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["main", "transfer", "sweep"],
                         choices=["main", "transfer", "sweep"])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--student-epochs", type=int, default=None,
+                        help="epochs of the 784-800-800 students (default: --epochs); the "
+                             "teachers keep --epochs and are shared with runs without it")
     args = parser.parse_args()
+    student_epochs = args.student_epochs or args.epochs
+    # the students' cache keys name their epochs only when they differ from the teachers'
+    se = "" if student_epochs == args.epochs else f"-e{student_epochs}"
     task, cache = reproduction_setup(parser, args, f"lr{args.lr:g}")
     x_test, y_test = task.arrays("test")
     started = time.perf_counter()
     lines = [f"## Hinton et al. 2015 on MNIST ({len(task.split('train'))} training images, "
-             f"{args.epochs} epochs per model, seeds {args.seeds})", ""]
+             f"teachers {args.epochs} epochs, students {student_epochs}, seeds {args.seeds})", ""]
 
     def teacher(seed: int):
         return cache.model(f"teacher-s{seed}", lambda: train(
@@ -101,14 +108,14 @@ def main() -> None:
             ctx=StageContext.standalone("teacher", task, seed=seed)))
 
     def alone(seed: int):
-        return cache.model(f"student-s{seed}", lambda: train(
-            models.mlp(hidden=(800, 800), seed=seed), epochs=args.epochs, lr=args.lr,
+        return cache.model(f"student{se}-s{seed}", lambda: train(
+            models.mlp(hidden=(800, 800), seed=seed), epochs=student_epochs, lr=args.lr,
             weight_decay=0.0, ctx=StageContext.standalone("student", task, seed=seed)))
 
     def distilled(seed: int, temperature: float, on: data.Task = task, tag: str = ""):
-        return cache.model(f"distilled{tag}-T{temperature:g}-s{seed}", lambda: distill(
+        return cache.model(f"distilled{tag}{se}-T{temperature:g}-s{seed}", lambda: distill(
             models.mlp(hidden=(800, 800), seed=seed), teacher(seed),
-            loss=KD(temperature=temperature) * 0.9 + CE() * 0.1, epochs=args.epochs,
+            loss=KD(temperature=temperature) * 0.9 + CE() * 0.1, epochs=student_epochs,
             lr=args.lr, weight_decay=0.0,
             ctx=StageContext.standalone("student_kd", on, seed=seed)))
 
@@ -118,7 +125,8 @@ def main() -> None:
         return cache.number("errors", key, lambda: errors(build(), x_test, y_test)[0])
 
     if "main" in args.parts:
-        rows = {name: [count(f"{name}-s{s}", lambda s=s, f=fn: f(s)) for s in args.seeds]
+        rows = {name: [count(f"{name}{'' if name == 'teacher' else se}-s{s}",
+                             lambda s=s, f=fn: f(s)) for s in args.seeds]
                 for name, fn in (("teacher", teacher), ("student", alone),
                                  ("distilled", lambda s: distilled(s, 20)))}
         mean = {k: statistics.mean(v) for k, v in rows.items()}
@@ -166,7 +174,7 @@ def main() -> None:
                   f"{PAPER['no3_shifted_threes']} | {shifted} | {shifted3} |", ""]
 
     if "sweep" in args.parts:
-        sweep = {t: [count(f"distilled-T{t:g}-s{s}", lambda s=s, t=t: distilled(s, t))
+        sweep = {t: [count(f"distilled{se}-T{t:g}-s{s}", lambda s=s, t=t: distilled(s, t))
                      for s in args.seeds] for t in TEMPERATURES}
         lines += ["Temperature sweep (test errors of the distilled 784-800-800-10 student):", "",
                   "| T | mean | std | per seed |", "|---:|---:|---:|---|"]
@@ -174,18 +182,19 @@ def main() -> None:
             std = statistics.stdev(v) if len(v) > 1 else 0.0
             lines.append(f"| {t} | {statistics.mean(v):.1f} | {std:.1f} | "
                          f"{', '.join(map(str, v))} |")
-        _plot(sweep, measured, args.seeds, cache.root / "temperature_sweep.png")
-        lines += ["", f"Plot: `{cache.root / 'temperature_sweep.png'}`", ""]
+        plot = cache.root / f"temperature_sweep{se}.png"
+        _plot(sweep, measured, args.seeds, plot, se)
+        lines += ["", f"Plot: `{plot}`", ""]
 
     lines.append(f"This run: {(time.perf_counter() - started) / 60:.1f} min; training time of "
                  f"every model: {sum(cache.results.get('seconds', {}).values()) / 60:.1f} min "
                  f"(load average {os.getloadavg()[0]:.1f} at the end).")
     text = "\n".join(lines) + "\n"
-    (cache.root / "hinton_mnist.md").write_text(text)
+    (cache.root / f"hinton_mnist{se}.md").write_text(text)
     print(text)
 
 
-def _plot(sweep: dict, measured: dict, seeds: list[int], path: Path) -> None:
+def _plot(sweep: dict, measured: dict, seeds: list[int], path: Path, se: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +206,7 @@ def _plot(sweep: dict, measured: dict, seeds: list[int], path: Path) -> None:
     stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in sweep.values()]
     ax.errorbar(ts, means, yerr=stds, marker="o", capsize=3, label="distilled student")
     for name, style in (("student", "--"), ("teacher", ":")):
-        values = [measured.get(f"{name}-s{s}") for s in seeds]
+        values = [measured.get(f"{name}{se if name == 'student' else ''}-s{s}") for s in seeds]
         if all(v is not None for v in values):
             ax.axhline(statistics.mean(values), linestyle=style, color="grey",
                        label=f"{name} alone" if name == "student" else "teacher")
