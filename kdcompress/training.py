@@ -47,8 +47,9 @@ from kdcompress.placement import (
     warmup_steps,
 )
 
-__all__ = ["fit", "FitConfig", "FitResult", "EpochStats", "LossFn", "OPTIMIZERS", "SCHEDULES",
-           "FIT_CHECKS", "make_optimizer", "accuracy", "predict_logits", "predict_split"]
+__all__ = ["fit", "FitConfig", "FitResult", "Progress", "EpochStats", "LossFn", "OPTIMIZERS",
+           "SCHEDULES", "FIT_CHECKS", "make_optimizer", "accuracy", "predict_logits",
+           "predict_split"]
 
 #: ``"adamw"`` (AdamW) or ``"sgd"`` (momentum 0.9, Nesterov).
 OPTIMIZERS = ("adamw", "sgd")
@@ -153,6 +154,21 @@ class EpochStats:
                 "val_score": self.val_score}
 
 
+@dataclass
+class Progress:
+    """Where a running :func:`fit` is, updated before every step (a loss that changes over
+    training reads it).
+
+    Attributes
+    ----------
+    epochs : float
+        Epochs completed before the current step, fractional: 0.0 at the first step, 2.5
+        halfway through the third epoch.
+    """
+
+    epochs: float = 0.0
+
+
 @dataclass(frozen=True)
 class FitResult:
     """The outcome of :func:`fit`.
@@ -194,7 +210,7 @@ def fit(
     ctx: StageContext | None = None, params: Iterable[nn.Parameter] = (),
     with_index: bool = False, on_step: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
-    description: str = "train", data_parallel: bool = False,
+    description: str = "train", data_parallel: bool = False, progress: Progress | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``data``'s training split by minimising ``loss_fn``.
 
@@ -237,6 +253,9 @@ def fit(
         ``ctx.epoch_end`` receives them. Return ``True`` to stop training after this epoch
         (``FitResult.stopped_early``, the model is kept); an exception it raises (a search's
         ``optuna.TrialPruned``) propagates out of ``fit`` unchanged and abandons the run.
+    progress : Progress, optional
+        Kept up to date before every step (``progress.epochs``), for a ``loss_fn`` whose loss
+        changes over training (:class:`kdcompress.losses.Warmup`).
     description : str
         What the progress bar shows for this run (``"train"``, ``"distill"``).
     data_parallel : bool
@@ -262,7 +281,8 @@ def fit(
     config = config or FitConfig()
     ctx = ctx or StageContext.standalone(description, data)
     parallel = data_parallel and distributed.is_distributed()
-    loop = _Loop(model, loss_fn, data, config, ctx, list(params), with_index, on_step, parallel)
+    loop = _Loop(model, loss_fn, data, config, ctx, list(params), with_index, on_step, parallel,
+                 progress)
     split = data.eval_split
     history: list[EpochStats] = []
     stopped = False
@@ -315,8 +335,10 @@ class _Loop:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Task, config: FitConfig,
                  ctx: StageContext, extra: list[nn.Parameter], with_index: bool,
-                 on_step: Callable[[int], None] | None, parallel: bool) -> None:
+                 on_step: Callable[[int], None] | None, parallel: bool,
+                 progress: Progress | None = None) -> None:
         self.model, self.loss_fn, self.ctx = model, loss_fn, ctx
+        self.progress = progress
         self.extra, self.with_index, self.on_step = extra, with_index, on_step
         self.parallel = parallel
         self.autocast, scaled = autocast_dtype(config.precision, config.amp, ctx.device, ctx.name)
@@ -379,7 +401,10 @@ class _Loop:
         self.net.train()
         sums: dict[str, float] = {}
         count = 0
-        for i, batch in enumerate(self.loader(self.ctx.seed + epoch - 1), 1):
+        batches = self.loader(self.ctx.seed + epoch - 1)
+        for i, batch in enumerate(batches, 1):
+            if self.progress is not None:
+                self.progress.epochs = epoch - 1 + (i - 1) / len(batches)
             x = batch[0].to(self.ctx.device, non_blocking=True)
             y = batch[1].to(self.ctx.device, non_blocking=True)
             if self.config.transform is not None:

@@ -11,7 +11,14 @@ Examples
 """
 
 from kdcompress.losses import functional
-from kdcompress.losses.base import DistillBatch, DistillLoss, Scaled, Sum, teacher_weights
+from kdcompress.losses.base import (
+    DistillBatch,
+    DistillLoss,
+    Scaled,
+    Sum,
+    Warmup,
+    teacher_weights,
+)
 from kdcompress.losses.features import AT, FeatureAdapter, FitNet, make_adapter
 from kdcompress.losses.logits import CE, DKD, KD, FocalKD, TopKKD
 from kdcompress.losses.relations import RKD, SP, ClassGroup, PairwiseRelation, Triplet
@@ -22,6 +29,7 @@ __all__ = [
     "DistillLoss",
     "Scaled",
     "Sum",
+    "Warmup",
     "teacher_weights",
     "KD",
     "DKD",

@@ -42,7 +42,7 @@ from kdcompress.hooks import FeatureCapture
 from kdcompress.losses import CE, KD, DistillBatch, DistillLoss, teacher_weights
 from kdcompress.models import ModelSpec, as_module
 from kdcompress.placement import BASE_BATCH
-from kdcompress.training import FIT_CHECKS, FitConfig, FitResult, fit
+from kdcompress.training import FIT_CHECKS, FitConfig, FitResult, Progress, fit
 
 #: The largest teacher-output cache ``cache_teacher="auto"`` keeps (bytes, on the device).
 CACHE_LIMIT_BYTES = 2**30
@@ -294,25 +294,28 @@ class _Run:
         cache = self._fill_cache(teachers, t_captures, names) \
             if self._use_cache(ema_decay) else None
 
-        def batch_of(net: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> DistillBatch:
+        def batch_of(net: nn.Module, x: Tensor, y: Tensor, index: Tensor,
+                     epochs_done: float | None = None) -> DistillBatch:
             logits, feats = self._teacher_outputs(x, index, teachers, t_captures, cache, names)
             s_capture.clear()
             return DistillBatch(
                 student_logits=net(x), teacher_logits=logits, labels=y,
                 student_features=s_capture.pop(), teacher_features=feats,
                 teacher_weights=teacher_weights(logits, y, self.teacher_weighting)
-                if len(logits) > 1 else None)
+                if len(logits) > 1 else None, epochs_done=epochs_done)
 
         self._setup(student, loss, batch_of)
+        progress = Progress()  # for losses that change over training (Warmup)
 
         def loss_fn(net: nn.Module, x: Tensor, y: Tensor, index: Tensor):
-            return loss(batch_of(net, x, y, index))
+            return loss(batch_of(net, x, y, index, progress.epochs))
 
         result = fit(student, loss_fn, ctx.data, config=self.config, ctx=ctx,
                      params=list(loss.parameters()), with_index=True,
                      on_step=None if ema_decay is None else _ema_follower(teachers[0], student,
                                                                           ema_decay),
-                     description=description, data_parallel=spec_of(distill).distributed)
+                     progress=progress, description=description,
+                     data_parallel=spec_of(distill).distributed)
         s_capture.clear()
         if result.history:
             last = result.history[-1]

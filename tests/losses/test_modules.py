@@ -23,6 +23,7 @@ from kdcompress.losses import (
     PairwiseRelation,
     TopKKD,
     Triplet,
+    Warmup,
     teacher_weights,
 )
 from kdcompress.losses import functional as KF
@@ -199,3 +200,40 @@ def test_hooks_unknown_name_suggests_the_closest():
     model.add_module("features", nn.Linear(2, 2))
     with pytest.raises(LayerError, match="no submodule 'featurse'.*Did you mean 'features'"):
         FeatureCapture(model, ["featurse"], role="student")
+
+
+def test_warmup_ramps_linearly_and_scales_every_part():
+    # min(epochs done / warm-up epochs, 1), continuous; full weight outside training
+    loss = Warmup(DKD(), epochs=4)
+    plain_value, plain_parts = DKD()(_batch())
+    for done, weight in ((0.0, 0.0), (0.5, 0.125), (1.0, 0.25), (3.0, 0.75), (4.0, 1.0),
+                         (9.5, 1.0), (None, 1.0)):
+        batch = _batch()
+        batch.epochs_done = done
+        value, parts = loss(batch)
+        torch.testing.assert_close(value, weight * plain_value)
+        assert set(parts) == set(plain_parts) == {"dkd_tckd", "dkd_nckd"}
+        for name in parts:
+            torch.testing.assert_close(parts[name], weight * plain_parts[name])
+    batch = _batch()
+    batch.epochs_done = 1.0
+    value, parts = (Warmup(DKD(), epochs=2) + CE())(batch)
+    torch.testing.assert_close(sum(parts.values()), value)
+    torch.testing.assert_close(parts["ce"], nn.functional.cross_entropy(batch.student_logits,
+                                                                        batch.labels))
+
+
+def test_warmup_passes_layers_through_and_is_fingerprinted_with_its_epochs():
+    loss = Warmup(FitNet("a", "b"), epochs=3) + CE()
+    assert loss.student_layers() == ["a"] and loss.teacher_layers() == ["b"]
+    assert loss.needs_teacher() and not Warmup(CE(), epochs=3).needs_teacher()
+    spec = module_spec(loss)["children"]["terms"]["children"]["0"]
+    assert spec["attrs"]["epochs"] == 3
+    assert repr(Warmup(KD(), epochs=2)) == "Warmup(KD(temperature=4.0), epochs=2)"
+
+
+@pytest.mark.parametrize("loss, epochs", [(CE(), 0), (CE(), 1.5), (CE(), True),
+                                          (nn.Linear(2, 2), 2)])
+def test_warmup_refuses_bad_settings(loss, epochs):
+    with pytest.raises(LossError, match="Warmup"):
+        Warmup(loss, epochs=epochs)

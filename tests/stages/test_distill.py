@@ -216,3 +216,25 @@ def test_a_diverging_distillation_names_the_stage_and_returns_nothing(task, teac
                                             r".*lr=1e\+06"):
         distill(Net(), teacher, epochs=2, lr=1e6, ctx=ctx)
     assert "loss_parts" not in ctx.details
+
+
+class _ProgressRecorder(CE):
+    """Cross-entropy that records ``epochs_done`` of every batch it is given."""
+
+    seen: list = []
+
+    def forward(self, batch):
+        type(self).seen.append(batch.epochs_done)
+        return super().forward(batch)
+
+
+def test_losses_see_how_far_training_is(task, teacher):
+    _ProgressRecorder.seen = []
+    distill(Net(), teacher, loss=KD() + _ProgressRecorder(), epochs=3, batch_size=64,
+            ctx=_ctx(task)[0])
+    seen = _ProgressRecorder.seen
+    per_epoch = len(seen) // 3
+    assert len(seen) == 3 * per_epoch and per_epoch > 1
+    # step i (from 0) of epoch e (from 1): e - 1 + i / steps per epoch
+    expected = [e + i / per_epoch for e in range(3) for i in range(per_epoch)]
+    assert seen == pytest.approx(expected)
