@@ -283,7 +283,8 @@ class Warmup(DistillLoss):
     runs: distilling the 25.6k-parameter CNN of ``benchmarks/distill_table.py`` for 3 epochs on
     10,000 MNIST images with a 3-epoch warm-up, the reference's steps (1/3, 2/3, 1) still let DKD
     swamp the student (51.7% validation accuracy), the continuous ramp does not (89.1%; 48.0%
-    with no warm-up). Outside a training loop (``batch.epochs_done is None``) the full loss is returned.
+    with no warm-up). Outside a training loop (``batch.epochs_done is None``) the full loss is
+    returned.
 
     Parameters
     ----------
