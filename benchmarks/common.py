@@ -125,10 +125,15 @@ class ResultCache:
         model = build()
         self.results.setdefault("seconds", {})[key] = round(time.perf_counter() - start, 1)
         self.save()
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         save_module(model, tmp)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process sharing the folder saved the same model first
+            if not (folder / WEIGHTS_FILE).is_file():
+                raise
+            shutil.rmtree(tmp)
         return model
 
     def number(self, table: str, key: str, compute: Callable[[], Any]) -> Any:
@@ -140,4 +145,22 @@ class ResultCache:
         return values[key]
 
     def save(self) -> None:
-        self.file.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        """Write ``results.json``, first taking in what other processes sharing the folder wrote
+        (theirs fill in what this one lacks), under a file lock, replacing the file atomically."""
+        from filelock import FileLock
+
+        with FileLock(f"{self.file}.lock"):
+            if self.file.is_file():
+                _fill_in(self.results, json.loads(self.file.read_text()))
+            tmp = self.file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+            tmp.replace(self.file)
+
+
+def _fill_in(mine: dict, theirs: dict) -> None:
+    """Add to ``mine``, in place, every key of ``theirs`` it lacks (recursively for dicts)."""
+    for key, value in theirs.items():
+        if key not in mine:
+            mine[key] = value
+        elif isinstance(mine[key], dict) and isinstance(value, dict):
+            _fill_in(mine[key], value)

@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["main", "transfer", "sweep"],
                         choices=["main", "transfer", "sweep"])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES),
+                        help="the sweep's temperatures (two processes may share a cache, each "
+                             "with some of them; a last run with all of them writes the table)")
     parser.add_argument("--student-epochs", type=int, default=None,
                         help="epochs of the 784-800-800 students (default: --epochs); the "
                              "teachers keep --epochs and are shared with runs without it")
@@ -175,12 +178,12 @@ def main() -> None:
 
     if "sweep" in args.parts:
         sweep = {t: [count(f"distilled{se}-T{t:g}-s{s}", lambda s=s, t=t: distilled(s, t))
-                     for s in args.seeds] for t in TEMPERATURES}
+                     for s in args.seeds] for t in args.temperatures}
         lines += ["Temperature sweep (test errors of the distilled 784-800-800-10 student):", "",
                   "| T | mean | std | per seed |", "|---:|---:|---:|---|"]
         for t, v in sweep.items():
             std = statistics.stdev(v) if len(v) > 1 else 0.0
-            lines.append(f"| {t} | {statistics.mean(v):.1f} | {std:.1f} | "
+            lines.append(f"| {t:g} | {statistics.mean(v):.1f} | {std:.1f} | "
                          f"{', '.join(map(str, v))} |")
         plot = cache.root / f"temperature_sweep{se}.png"
         _plot(sweep, measured, args.seeds, plot, se)
@@ -211,7 +214,7 @@ def _plot(sweep: dict, measured: dict, seeds: list[int], path: Path, se: str) ->
             ax.axhline(statistics.mean(values), linestyle=style, color="grey",
                        label=f"{name} alone" if name == "student" else "teacher")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(ts, [str(t) for t in ts])
+    ax.set_xticks(ts, [f"{t:g}" for t in ts])
     ax.set_xlabel("temperature T")
     ax.set_ylabel("test errors (of 10,000)")
     ax.legend()
