@@ -187,19 +187,11 @@ class DistillLoss(nn.Module):
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
-class Scaled(DistillLoss):
-    """A loss times a constant weight: ``KD() * 0.9``."""
+class _Wrapper(DistillLoss):
+    """A loss around one other loss (``self.loss``): layers, teacher need, set-up and leaves
+    are the inner loss's."""
 
-    def __init__(self, loss: DistillLoss, weight: float) -> None:
-        super().__init__()
-        if isinstance(loss, Scaled):
-            weight, loss = weight * loss.weight, loss.loss
-        self.loss = loss
-        self.weight = float(weight)
-
-    def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        value, parts = self.loss(batch)
-        return value * self.weight, {k: v * self.weight for k, v in parts.items()}
+    loss: DistillLoss
 
     def student_layers(self) -> list[str]:
         return self.loss.student_layers()
@@ -215,6 +207,21 @@ class Scaled(DistillLoss):
 
     def leaves(self) -> list[DistillLoss]:
         return self.loss.leaves()
+
+
+class Scaled(_Wrapper):
+    """A loss times a constant weight: ``KD() * 0.9``."""
+
+    def __init__(self, loss: DistillLoss, weight: float) -> None:
+        super().__init__()
+        if isinstance(loss, Scaled):
+            weight, loss = weight * loss.weight, loss.loss
+        self.loss = loss
+        self.weight = float(weight)
+
+    def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        value, parts = self.loss(batch)
+        return value * self.weight, {k: v * self.weight for k, v in parts.items()}
 
     def __repr__(self) -> str:
         inner = repr(self.loss)
@@ -271,7 +278,7 @@ class Sum(DistillLoss):
         return " + ".join(repr(t) for t in self.terms)
 
 
-class Warmup(DistillLoss):
+class Warmup(_Wrapper):
     """A loss whose weight grows linearly from 0 to 1 over the first ``epochs`` epochs.
 
     The loss is multiplied by ``min(t / epochs, 1)``, ``t`` the epochs completed so far
@@ -325,21 +332,6 @@ class Warmup(DistillLoss):
         value, parts = self.loss(batch)
         w = self.weight(batch.epochs_done)
         return value * w, {k: v * w for k, v in parts.items()}
-
-    def student_layers(self) -> list[str]:
-        return self.loss.student_layers()
-
-    def teacher_layers(self) -> list[str]:
-        return self.loss.teacher_layers()
-
-    def needs_teacher(self) -> bool:
-        return self.loss.needs_teacher()
-
-    def setup(self, batch: DistillBatch) -> None:
-        self.loss.setup(batch)
-
-    def leaves(self) -> list[DistillLoss]:
-        return self.loss.leaves()
 
     def __repr__(self) -> str:
         return f"Warmup({self.loss!r}, epochs={self.epochs})"
