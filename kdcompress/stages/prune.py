@@ -57,7 +57,9 @@ _TAYLOR_BATCHES = 4
 #: unevenly by each group's measured validation sensitivity (the same channels in total).
 ALLOCATIONS = ("uniform", "sensitivity")
 #: Ratios at which ``allocation="sensitivity"`` measures each group (the stage's ratio is added).
-PRUNE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: They reach above any ratio worth asking for: a group can only take more than the uniform cut
+#: up to the ladder's top, so at a stage ratio at the top every group gets the same cut.
+PRUNE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 @stage(role="prune", distributed=True, checks={
@@ -373,6 +375,10 @@ def _allocate_ratios(model: nn.Module, ctx: StageContext, ratio: float,
     from kdcompress.analysis.sensitivity import sensitivity
 
     ladder = tuple(sorted({*PRUNE_RATIOS, round(float(ratio), 6)}))
+    if ratio >= PRUNE_RATIOS[-1]:
+        log.warning("prune: ratio=%g is at or above the top of the sensitivity ladder (%g): no "
+                    "group can be cut more than the others, so allocation='sensitivity' gives "
+                    "the uniform cut", ratio, PRUNE_RATIOS[-1])
     sens = sensitivity(model, ctx.data, kinds=("prune",), ratios=ladder, metric=metric)
     groups = _group_curves(model, sens, ignored, round_to, ratio)
     if not groups:

@@ -12,7 +12,7 @@ from kdcompress import Pipeline, data, models
 from kdcompress.artifacts import load_module, save_module
 from kdcompress.context import StageContext
 from kdcompress.errors import PipelineError, StageError
-from kdcompress.stages.prune import channel_counts, prune
+from kdcompress.stages.prune import PRUNE_RATIOS, channel_counts, prune
 from kdcompress.training import accuracy
 
 
@@ -183,6 +183,22 @@ def test_sensitivity_allocation_matches_uniform_params_and_records_groups(traine
     assert plan["predicted_drop"] < plan["uniform_predicted_drop"]
     assert accuracy(spread, task, "val") > accuracy(uniform, task, "val")
     assert spread(task.example(3)).shape == (3, 10)
+
+
+def test_sensitivity_allocation_can_cut_a_group_beyond_a_high_ratio(trained, task):
+    # at ratio 0.8 the ladder reaches above it, so the allocation is free to differ from uniform
+    ctx = StageContext.standalone("pruned", task)
+    prune(trained, ratio=0.8, recovery_epochs=0, allocation="sensitivity", ctx=ctx)
+    plan = ctx.details["allocation"]
+    assert max(plan["ladder"]) > 0.8
+    assert max(g["ratio"] for g in plan["groups"]) > 0.8
+
+
+def test_sensitivity_allocation_at_the_ladders_top_says_it_is_uniform(trained, task, caplog):
+    with caplog.at_level("WARNING", logger="kdcompress"):
+        prune(trained, ratio=PRUNE_RATIOS[-1], recovery_epochs=0, allocation="sensitivity",
+              data=task)
+    assert "top of the sensitivity ladder" in caplog.text
 
 
 def test_sensitivity_allocation_rejects_global_pruning(trained, task):
