@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from filelock import FileLock
 from torch import nn
 
 from kdcompress import data, models
@@ -147,8 +148,6 @@ class ResultCache:
     def save(self) -> None:
         """Write ``results.json``, first taking in what other processes sharing the folder wrote
         (theirs fill in what this one lacks), under a file lock, replacing the file atomically."""
-        from filelock import FileLock
-
         with FileLock(f"{self.file}.lock"):
             if self.file.is_file():
                 _fill_in(self.results, json.loads(self.file.read_text()))

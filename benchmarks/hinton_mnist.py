@@ -124,12 +124,15 @@ def main() -> None:
 
     measured = cache.results.setdefault("errors", {})
 
+    def error_key(name: str, seed: int) -> str:
+        """Where ``measured`` keeps a main-table model's errors (students name their epochs)."""
+        return f"{name}{'' if name == 'teacher' else se}-s{seed}"
+
     def count(key: str, build) -> int:
         return cache.number("errors", key, lambda: errors(build(), x_test, y_test)[0])
 
     if "main" in args.parts:
-        rows = {name: [count(f"{name}{'' if name == 'teacher' else se}-s{s}",
-                             lambda s=s, f=fn: f(s)) for s in args.seeds]
+        rows = {name: [count(error_key(name, s), lambda s=s, f=fn: f(s)) for s in args.seeds]
                 for name, fn in (("teacher", teacher), ("student", alone),
                                  ("distilled", lambda s: distilled(s, 20)))}
         mean = {k: statistics.mean(v) for k, v in rows.items()}
@@ -186,7 +189,9 @@ def main() -> None:
             lines.append(f"| {t:g} | {statistics.mean(v):.1f} | {std:.1f} | "
                          f"{', '.join(map(str, v))} |")
         plot = cache.root / f"temperature_sweep{se}.png"
-        _plot(sweep, measured, args.seeds, plot, se)
+        reference = {name: [measured.get(error_key(name, s)) for s in args.seeds]
+                     for name in ("student", "teacher")}
+        _plot(sweep, reference, plot)
         lines += ["", f"Plot: `{plot}`", ""]
 
     lines.append(f"This run: {(time.perf_counter() - started) / 60:.1f} min; training time of "
@@ -197,7 +202,7 @@ def main() -> None:
     print(text)
 
 
-def _plot(sweep: dict, measured: dict, seeds: list[int], path: Path, se: str) -> None:
+def _plot(sweep: dict, reference: dict[str, list], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +214,7 @@ def _plot(sweep: dict, measured: dict, seeds: list[int], path: Path, se: str) ->
     stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in sweep.values()]
     ax.errorbar(ts, means, yerr=stds, marker="o", capsize=3, label="distilled student")
     for name, style in (("student", "--"), ("teacher", ":")):
-        values = [measured.get(f"{name}{se if name == 'student' else ''}-s{s}") for s in seeds]
+        values = reference[name]
         if all(v is not None for v in values):
             ax.axhline(statistics.mean(values), linestyle=style, color="grey",
                        label=f"{name} alone" if name == "student" else "teacher")

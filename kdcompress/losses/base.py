@@ -193,6 +193,11 @@ class _Wrapper(DistillLoss):
 
     loss: DistillLoss
 
+    def _times(self, batch: DistillBatch, factor: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """The inner loss on ``batch``, its value and every part multiplied by ``factor``."""
+        value, parts = self.loss(batch)
+        return value * factor, {k: v * factor for k, v in parts.items()}
+
     def student_layers(self) -> list[str]:
         return self.loss.student_layers()
 
@@ -220,8 +225,7 @@ class Scaled(_Wrapper):
         self.weight = float(weight)
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        value, parts = self.loss(batch)
-        return value * self.weight, {k: v * self.weight for k, v in parts.items()}
+        return self._times(batch, self.weight)
 
     def __repr__(self) -> str:
         inner = repr(self.loss)
@@ -324,14 +328,12 @@ class Warmup(_Wrapper):
         self.loss = loss
         self.epochs = int(epochs)
 
-    def weight(self, epochs_done: float | None) -> float:
+    def factor(self, epochs_done: float | None) -> float:
         """The multiplier after ``epochs_done`` epochs of training (1 outside training)."""
         return 1.0 if epochs_done is None else min(epochs_done / self.epochs, 1.0)
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        value, parts = self.loss(batch)
-        w = self.weight(batch.epochs_done)
-        return value * w, {k: v * w for k, v in parts.items()}
+        return self._times(batch, self.factor(batch.epochs_done))
 
     def __repr__(self) -> str:
         return f"Warmup({self.loss!r}, epochs={self.epochs})"
