@@ -63,7 +63,7 @@ from kdcompress.report import Report
 from kdcompress.search.bestfile import write_best_file
 from kdcompress.search.front import FrontPoint, SearchResult, TrialSummary, pareto
 from kdcompress.search.live import SearchProgress
-from kdcompress.search.space import Choice, Param, _same, values_text
+from kdcompress.search.space import Choice, Param, _same, param_paths, values_text
 from kdcompress.search.trial import Heartbeat, TrialObserver
 from kdcompress.store import pid_alive
 
@@ -321,17 +321,28 @@ class Search:
         study.sampler = self._sampler(self.config.seed + workers)
         return study
 
-    def screening(self) -> list[tuple[str, dict[str, Any]]]:
-        """The one-at-a-time trials queued after the defaults: ``(parameter, values)``.
+    def screening(self, trials: list[Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """The one-at-a-time trials queued after the defaults: ``(label, values)``.
 
         Parameters of later stages come first (a trial that changes only the export recomputes
         the export and what follows; one that changes the TT rank recomputes nearly
         everything). Each parameter takes every value of a choice but its default, and the two
         ends of a range that are not its default.
+
+        Given the study's ``trials``, the list goes on around the front: a screening trial
+        that is on the front (feasible, no feasible trial better at every objective) has the
+        parameters of the stages downstream of the one it changed screened again on top of its
+        values (``"fp32.tt_export='auto' on trial 3"``). Those trials load everything up to the
+        stage that trial computed from the cache, so the combinations of a cheap late setting
+        with an expensive early one cost only the late stages.
         """
         if not all(p.has_default for p in self.params.values()):
             return []
-        defaults = {n: p.default for n, p in self.params.items()}
+        bases: list[tuple[int | None, str | None, dict[str, Any]]] = [
+            (None, None, {n: p.default for n, p in self.params.items()})]
+        if trials:
+            bases += self._front_bases(trials)
+        downstream = self._downstream()
         out = []
         for name in reversed(list(self.params)):
             param = self.params[name]
@@ -339,22 +350,63 @@ class Search:
                 values = list(param.values)
             else:
                 values = [param.low, param.high]  # type: ignore[attr-defined]
-            for value in values:
-                if not _same(value, param.default):
-                    out.append((f"{name}={_readable(value)!r}", {**defaults, name: value}))
+            for number, origin, base in bases:
+                if origin is not None and name not in downstream.get(origin, set()):
+                    continue
+                for value in values:
+                    if not _same(value, base[name]):
+                        on = "" if number is None else f" on trial {number}"
+                        out.append((f"{name}={_readable(value)!r}{on}", {**base, name: value}))
         return out
 
+    def _downstream(self) -> dict[str, set[str]]:
+        """``{parameter: the parameters whose stages all lie downstream of its stages}``."""
+        import networkx as nx
+
+        ids = {id(p): n for n, p in self.params.items()}
+        stages: dict[str, set[str]] = {n: set() for n in self.params}
+        for stage in self.pipeline.stages.values():
+            for key, value in stage.constants.items():
+                for _, param in param_paths(value, key):
+                    if id(param) in ids:
+                        stages[ids[id(param)]].add(stage.name)
+        graph = self.pipeline.graph()
+        out: dict[str, set[str]] = {}
+        for name, own in stages.items():
+            below = set().union(*(nx.descendants(graph, s) for s in own)) - own
+            out[name] = {other for other, theirs in stages.items()
+                         if other != name and theirs and theirs <= below}
+        return out
+
+    def _front_bases(self, trials: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
+        """The screening trials on the front: ``(number, parameter it changed, values)``."""
+        import optuna
+
+        chosen: dict[str, Any] = {}
+        for t in self._counts(trials):
+            if (t.state == optuna.trial.TrialState.COMPLETE and self._feasible(t)
+                    and len(t.params) == len(self.params)):
+                chosen.setdefault(self._key(t.params), t)
+        feasible = list(chosen.values())
+        front = [feasible[i] for i in pareto([t.user_attrs["objectives"] for t in feasible],
+                                             self.config.objectives)]
+        return [(t.number, str(t.user_attrs["screen"]).partition("=")[0],
+                 {n: p.decode(t.params[n]) for n, p in self.params.items()})
+                for t in sorted(front, key=lambda t: t.number) if "screen" in t.user_attrs]
+
     def _queue_screening(self, trials: list[Any]) -> None:
-        """Queue the next screening trial not in the study yet (one at a time, so that values
-        queued again after a worker died run first)."""
+        """Queue the next screening trial whose values are not in the study yet (one at a
+        time, so that values queued again after a worker died run first, and so that the
+        front the list grows around is the latest)."""
         if not self.config.screen:
             return
         done = {t.user_attrs.get("screen") for t in trials}
-        for name, values in self.screening():
-            if name not in done:
-                self.study.enqueue_trial({n: _encode(p, values[n])
-                                          for n, p in self.params.items()},
-                                         user_attrs={"screen": name})
+        tried = {self._key(t.params) for t in self._counts(trials)
+                 if len(t.params) == len(self.params)}
+        for name, values in self.screening(trials):
+            params = {n: _encode(p, values[n]) for n, p in self.params.items()}
+            if name not in done and self._key(params) not in tried:
+                self.study.enqueue_trial(params, user_attrs={"screen": name})
                 return
 
     def _sampler(self, seed: int) -> Any:
@@ -427,16 +479,21 @@ class Search:
                 why = f"no heartbeat for {now - seen:.0f} s"
             else:
                 continue
-            self._requeue(t.number, t.params, f"trial {t.number} was left running ({why})")
+            self._requeue(t, f"trial {t.number} was left running ({why})")
 
-    def _requeue(self, number: int, params: Mapping[str, Any], message: str) -> None:
+    def _requeue(self, trial: Any, message: str) -> None:
+        """Mark ``trial`` failed and queue its values again (a screening trial's label goes
+        with them)."""
         import optuna
 
         try:
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         except (ValueError, RuntimeError):
             return  # another worker finished or reclaimed it first
-        self.study.enqueue_trial(dict(params), user_attrs={"retry_of": number})
+        attrs = {"retry_of": trial.number}
+        if "screen" in trial.user_attrs:
+            attrs["screen"] = trial.user_attrs["screen"]
+        self.study.enqueue_trial(dict(trial.params), user_attrs=attrs)
         self.progress.warn(f"{message}: marked failed, its values queued again")
 
     # -- trials -----------------------------------------------------------------------------
@@ -599,7 +656,7 @@ class Search:
             return self._end(trial, observer, started, optuna.trial.TrialState.FAIL, str(exc))
         except BaseException:  # interrupted, or the run folder failed: the values are redone
             with self._lock():
-                self._requeue(trial.number, trial.params, f"trial {trial.number} stopped")
+                self._requeue(trial, f"trial {trial.number} stopped")
             raise
         return self._complete(trial, observer, report, started)
 
