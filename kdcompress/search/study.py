@@ -113,7 +113,9 @@ class SearchConfig:
         values one at a time with the rest at their defaults (every other choice; the two ends
         of a range), the parameters of the last stages first: those trials recompute only the
         stages after the changed one, so a search's first minutes explore every axis at the
-        cost of a few cheap stages (:meth:`Search.screening`).
+        cost of a few cheap stages; then, for each screening trial on the front, the
+        parameters of the stages after the one it changed, on top of its values
+        (:meth:`Search.screening`).
     seed : int
         Seeds the sampler (the k-th worker to join a study uses ``seed + k``).
     storage : str, optional

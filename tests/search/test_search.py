@@ -375,3 +375,65 @@ def test_an_unknown_objective_is_refused_with_the_known_ones(capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err
     assert "objective 'latency_b2' is unknown" in err and "latency_b1" in err
+
+
+def _done(number, params, *, screen=None, drop=0.0, size=1.0, latency=1.0):
+    """A finished trial as the study holds it (what screening reads of one)."""
+    from types import SimpleNamespace
+
+    attrs = {"drop": drop, "objectives": {"size": size, "latency": latency}}
+    attrs.update({"screen": screen} if screen else {"default": True})
+    return SimpleNamespace(number=number, state=optuna.trial.TrialState.COMPLETE,
+                           params=params, user_attrs=attrs)
+
+
+def test_screening_goes_on_downstream_of_each_screening_trial_on_the_front(tmp_path):
+    """A screened point on the front gets the later stages' parameters screened on top of its
+    values, before any earlier stage's parameter: those trials reuse its stages. A dominated
+    or out-of-budget point, and a parameter of the same or an earlier stage, get none."""
+    search = Search(load_pipeline(PIPELINES.parents[2] / "pipelines"
+                                  / "tt_distill_quant_search.py"),
+                    SearchConfig(max_drop=0.5), RunOptions(out=tmp_path / "run"))
+    assert search._downstream() == {"student.rank": {"pruned.ratio", "fp32.tt_export"},
+                                    "pruned.ratio": {"fp32.tt_export"}, "fp32.tt_export": set()}
+
+    def values(rank=8, ratio=0.3, export="factorized"):
+        return {"student.rank": rank, "pruned.ratio": ratio, "fp32.tt_export": export}
+
+    trials = [_done(0, values(), size=45, latency=16),
+              _done(1, values(export="auto"), screen="fp32.tt_export='auto'", size=526,
+                    latency=12),
+              _done(2, values(ratio=0.0), screen="pruned.ratio=0.0", size=80, latency=31),
+              _done(3, values(ratio=0.8), screen="pruned.ratio=0.8", size=28, latency=12.7),
+              _done(4, values(rank=2), screen="student.rank=2", drop=1.0, size=20, latency=10)]
+    listed = search.screening(trials)
+    assert [name for name, _ in listed] == [
+        "fp32.tt_export='auto'", "fp32.tt_export='auto' on trial 3", "pruned.ratio=0.0",
+        "pruned.ratio=0.8", "student.rank=2", "student.rank=12"]
+    assert dict(listed)["fp32.tt_export='auto' on trial 3"] == values(ratio=0.8, export="auto")
+    # a rank on the front has the pruning ratio's ends and the export screened on top of it
+    trials.append(_done(5, values(rank=12), screen="student.rank=12", size=30, latency=11))
+    names = [name for name, _ in search.screening(trials)]
+    assert names[:4] == ["fp32.tt_export='auto'", "fp32.tt_export='auto' on trial 3",
+                         "fp32.tt_export='auto' on trial 5", "pruned.ratio=0.0"]
+    assert "pruned.ratio=0.0 on trial 5" in names and "pruned.ratio=0.8 on trial 5" in names
+    assert not any(n.endswith(("on trial 1", "on trial 2", "on trial 4")) for n in names)
+
+    class Queue:
+        def __init__(self):
+            self.queued = []
+
+        def enqueue_trial(self, params, user_attrs):
+            self.queued.append((params, user_attrs))
+
+    # the next one queued is the first not run yet, and not a value set run under another name
+    search._study = Queue()
+    search._queue_screening(trials)
+    assert search._study.queued == [(values(ratio=0.8, export="auto"),
+                                     {"screen": "fp32.tt_export='auto' on trial 3"})]
+    sampled = _done(6, values(ratio=0.8, export="auto"), size=600, latency=12.5)
+    del sampled.user_attrs["default"]  # proposed by the sampler
+    trials.append(sampled)
+    search._study = Queue()
+    search._queue_screening(trials)
+    assert search._study.queued[0][1] == {"screen": "fp32.tt_export='auto' on trial 5"}
