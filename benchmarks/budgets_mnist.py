@@ -12,7 +12,8 @@ Run by hand (the teacher is trained once and cached; every finished part is kept
    loss, ``--distill-epochs``), for each rank of ``--ranks`` and each layer set of ``--layers``
    (``linear``: the flagship's ``nn.Linear`` layers; ``all``: convolutions too).
 2. Pruning at the same ratio: ``prune(allocation="uniform")`` against
-   ``prune(allocation="sensitivity")`` with the same KD recovery (``--recovery-epochs``).
+   ``prune(allocation="sensitivity")`` with the same KD recovery (``--recovery-epochs``), for
+   each seed of ``--seeds`` (the recovery's; the cut itself has no randomness).
 
 Prints a markdown table (with the load average) and writes ``--work/budgets.json``.
 """
@@ -101,8 +102,8 @@ def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
     return row
 
 
-def prune_part(teacher: nn.Module, task: data.Task, ratio: float, recovery: int
-               ) -> dict[str, Any]:
+def prune_part(teacher: nn.Module, task: data.Task, ratio: float, recovery: int,
+               seed: int = 0) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for allocation in ("uniform", "sensitivity"):
         ctx = StageContext.standalone("pruned", task)
@@ -115,9 +116,10 @@ def prune_part(teacher: nn.Module, task: data.Task, ratio: float, recovery: int
                                                         "uniform_removed", "removed")}
                                      for g in plan["groups"]]
         if recovery:
-            torch.manual_seed(0)
+            torch.manual_seed(seed)
             repaired = prune(teacher, ratio=ratio, allocation=allocation,
-                             recovery_epochs=recovery, data=task)
+                             recovery_epochs=recovery,
+                             ctx=StageContext.standalone("pruned", task, seed=seed))
             row[f"{allocation}_kd"] = _scores(repaired, task)
     return row
 
@@ -145,6 +147,8 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--prune-ratios", type=float, nargs="+", default=[0.5])
     parser.add_argument("--recovery-epochs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the pruning recovery (each a part of its own)")
     parser.add_argument("--digits", action="store_true",
                         help="check the script on scikit-learn's digits instead of MNIST")
     args = parser.parse_args()
@@ -162,8 +166,10 @@ def main() -> None:
             results.part(f"tt r{rank} {layers}", lambda r=rank, lay=layers: tt_part(
                 teacher, task, r, lay, args.distill_epochs))
     for ratio in args.prune_ratios:
-        results.part(f"prune {ratio}", lambda r=ratio: prune_part(
-            teacher, task, r, args.recovery_epochs))
+        for seed in args.seeds:
+            results.part(f"prune {ratio}" + (f" s{seed}" if seed else ""),
+                         lambda r=ratio, s=seed: prune_part(teacher, task, r,
+                                                            args.recovery_epochs, s))
     print(table(results.data))
     for key, row in results.data.items():
         print(f"\n{key}: {json.dumps(row.get('plan'))}")
