@@ -33,7 +33,8 @@ BUDGET_BY = ("params", "macs")
 #: The rank ladder ``budget`` chooses from, per layer (ranks above a layer's largest are skipped;
 #: leaving the layer dense is always an option too).
 BUDGET_RANKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-#: Methods the sensitivity analysis measures, so the ones ``budget`` supports.
+#: Methods the sensitivity analysis measures, so the ones ``budget`` supports; with
+#: ``method="auto"`` the budget picks one of them per layer.
 _BUDGET_METHODS = ("tt", "svd")
 
 
@@ -91,7 +92,7 @@ class Budget(Check):
     "rank": Ranks(),
     "tol": Float(ge=0, lt=1, optional=True),
     "ratio": Float(gt=1, optional=True),
-    "method": Choice(METHODS),
+    "method": Choice((*METHODS, "auto")),
     "budget": Budget(),
     "budget_by": Choice(BUDGET_BY),
 })
@@ -131,8 +132,10 @@ def decompose_tt(
     layers : str, type, or list of them, optional
         Qualified layer names and/or layer types. ``None``: every ``nn.Linear`` whose
         factorisation is smaller than it (convolutions only when named or given by type).
-    method : {"tt", "svd", "tucker"}
-        The factorisation (``budget`` takes ``"tt"`` or ``"svd"``).
+    method : {"tt", "svd", "tucker", "auto"}
+        The factorisation (``budget`` takes ``"tt"`` or ``"svd"``). ``"auto"``, with
+        ``budget`` only: each layer gets TT or SVD, whichever the allocation prefers at its
+        rank (both curves are measured).
     budget : float, optional
         What the whole decomposed model may hold, in ``budget_by`` units: a fraction of the
         model's total when ``<= 1`` (``0.25``), a count when ``> 1`` (``60_000``). Ranks are
@@ -158,7 +161,8 @@ def decompose_tt(
     ------
     PipelineError
         A setting breaks its rule (``rank=0``, ``tol=1.5``, ``ratio=0.5``, ``method="cp"``,
-        ``budget=2.5``), or ``budget`` comes with ``tol`` or ``ratio``.
+        ``budget=2.5``), ``budget`` comes with ``tol`` or ``ratio``, or ``method="auto"``
+        comes without ``budget``.
     LayerError
         A named layer does not exist or cannot be decomposed, or ``ratio`` or ``budget`` is out
         of reach (the message gives the reachable range).
@@ -176,6 +180,10 @@ def decompose_tt(
     if budget is not None:
         return _decompose_to_budget(model, task, budget, budget_by, layers, method, ctx,
                                     tol=tol, ratio=ratio, metric=stage_metric(metric, ctx))
+    if method == "auto":
+        raise PipelineError("decompose_tt: method='auto' picks TT or SVD per layer from the "
+                            "sensitivity curves of a budget: give budget=... (e.g. 0.25), or "
+                            "method='tt', 'svd' or 'tucker'")
     if tol is not None or ratio is not None:
         rank = None
     new_model, records = tensorize(model, layers=layers, rank=rank, tol=tol, ratio=ratio,
@@ -264,9 +272,10 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
     if clash:
         raise PipelineError(f"decompose_tt: give budget or {' and '.join(clash)}, not both "
                             f"(budget={budget!r}, tol={tol!r}, ratio={ratio!r})")
-    if method not in _BUDGET_METHODS:
-        raise PipelineError(f"decompose_tt: budget chooses ranks for method 'tt' or 'svd', but "
-                            f"got method={method!r}")
+    if method not in (*_BUDGET_METHODS, "auto"):
+        raise PipelineError(f"decompose_tt: budget chooses ranks for method 'tt', 'svd' or "
+                            f"'auto' (either, per layer), but got method={method!r}")
+    methods = _BUDGET_METHODS if method == "auto" else (method,)
     if task is None:
         raise StageError("decompose_tt: budget measures accuracy on the validation split: pass "
                          "data=kdcompress.data.digits() (or your own Task) on a direct call")
@@ -276,8 +285,9 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
     costs = _costs(model, names, task.example(1).float(), by)
     target = _target(budget, costs)
     floor = costs.fixed + sum(
-        min(costs.dense[n], costs.of(n, decompose_layer(model.get_submodule(n), method=method,
-                                                        rank=BUDGET_RANKS[0], name=n)[0]))
+        min([costs.dense[n]] + [costs.of(n, decompose_layer(model.get_submodule(n), method=m,
+                                                            rank=BUDGET_RANKS[0], name=n)[0])
+                                for m in methods])
         for n in names)
     if target < floor:
         raise LayerError(
@@ -286,37 +296,45 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
             f"other layers hold {costs.fixed}); raise the budget or decompose more layers")
     from kdcompress.analysis.sensitivity import sensitivity
 
-    sens = sensitivity(model, task, kinds=(method,), ranks=BUDGET_RANKS, layers=names,
+    sens = sensitivity(model, task, kinds=methods, ranks=BUDGET_RANKS, layers=names,
                        metric=metric)
-    result = allocate(_options(sens, names, method, costs), target - costs.fixed)
-    ranks = {n: o.setting for n, o in result.choice.items() if o.setting != "dense"}
-    if ranks:
-        new_model, records = tensorize(model, rank=ranks, method=method)
-    else:
-        new_model, records = copy.deepcopy(model), []
+    result = allocate(_options(sens, names, methods, costs), target - costs.fixed)
+    chosen = {n: o.setting for n, o in result.choice.items() if o.setting != "dense"}
+    new_model, records = model, []
+    for m in methods:  # one pass per factorisation, each on the layers given to it
+        ranks = {n: rank for n, (kind, rank) in chosen.items() if kind == m}
+        if ranks:
+            new_model, done = tensorize(new_model, rank=ranks, method=m)
+            records += done
+    if not chosen:
+        new_model = copy.deepcopy(model)
     by_name = {r["name"]: r for r in records}
     rows = []
     for name, option in result.choice.items():
-        row = {"name": name, "rank": option.setting, "predicted_drop": round(option.drop, 4),
+        kind, rank = option.setting if option.setting != "dense" else (None, "dense")
+        row = {"name": name, "rank": rank, "predicted_drop": round(option.drop, 4),
                by: option.cost}
         if name in by_name:
             row.update(by_name[name])
             row["predicted_drop"] = round(option.drop, 4)
         rows.append(row)
-        log.info("%s: rank %s, %s %d, predicted drop %.2f points", name, option.setting, by,
-                 option.cost, option.drop)
+        log.info("%s: %s, %s %d, predicted drop %.2f points", name,
+                 "dense" if kind is None else f"{kind} rank {rank}", by, option.cost,
+                 option.drop)
     reached = costs.fixed + int(result.cost)
     summary = _summary(budget, by, target, reached, costs, result, sens, method)
     if ctx is not None:
         ctx.record("layers", rows)
         ctx.record("budget", summary)
-        if not ranks:
+        if not chosen:
             ctx.warn(f"budget={budget:g} holds the whole model: no layer was decomposed")
     return new_model.eval()
 
 
-def _options(sens: Any, names: list[str], method: str, costs: _Costs) -> dict[str, list[Option]]:
-    """Each layer's choices: dense (no drop), or a ladder rank with its measured drop (>= 0)."""
+def _options(sens: Any, names: list[str], methods: Sequence[str], costs: _Costs
+             ) -> dict[str, list[Option]]:
+    """Each layer's choices: dense (no drop), or ``(method, rank)`` of the ladder with its
+    measured drop (>= 0)."""
     base = sens.params if costs.by == "params" else sens.macs
     if base is None:
         raise LayerError("decompose_tt: the sensitivity analysis counted no MACs for this "
@@ -325,13 +343,15 @@ def _options(sens: Any, names: list[str], method: str, costs: _Costs) -> dict[st
     for name in names:
         dense = costs.dense[name]
         rows = [Option("dense", dense, 0.0)]
-        for cell in sens.curve(name, method):
-            whole = cell.params if costs.by == "params" else cell.macs
-            cost = dense + whole - base
-            if cost < dense:  # a factorisation no smaller than the layer buys nothing
-                # a rank scoring above the unchanged model is sampling noise, not a gain
-                rows.append(Option(int(cell.setting), cost, max(float(cell.drop), 0.0),
-                                   float(cell.rel_error or 0.0)))
+        for method in methods:
+            for cell in sens.curve(name, method):
+                whole = cell.params if costs.by == "params" else cell.macs
+                cost = dense + whole - base
+                if cost < dense:  # a factorisation no smaller than the layer buys nothing
+                    # a rank scoring above the unchanged model is sampling noise, not a gain
+                    rows.append(Option((method, int(cell.setting)), cost,
+                                       max(float(cell.drop), 0.0),
+                                       float(cell.rel_error or 0.0)))
         options[name] = rows
     return options
 

@@ -251,6 +251,39 @@ def test_budget_in_params_is_met_with_the_least_predicted_drop(trained_cnn, digi
     assert summary["samples"] == sens.samples and summary["baseline_accuracy"] == sens.baseline
 
 
+def test_budget_with_method_auto_picks_tt_or_svd_per_layer(trained_cnn, digits_task,
+                                                           spy_sensitivity) -> None:
+    """Both curves are measured; the allocation is the least predicted drop over every
+    (method, rank) of every layer, and each layer gets the factorisation it chose."""
+    ctx = StageContext.standalone("student", digits_task)
+    total = _params(trained_cnn)
+    target = int(0.3 * total)
+    student = decompose_tt(trained_cnn, budget=0.3, method="auto", ctx=ctx)
+    summary, rows = ctx.details["budget"], ctx.details["layers"]
+    sens = spy_sensitivity[-1]
+    assert summary["method"] == "auto" and {c.kind for c in sens.cells} == {"tt", "svd"}
+    assert _params(student) == summary["total_after"] <= target
+    dense = {name: sum(p.numel() for p in trained_cnn.get_submodule(name).parameters())
+             for name in (r["name"] for r in rows)}
+    options = {name: [("dense", cost, 0.0)] + [
+        ((kind, c.setting), cost + c.params - sens.params, max(c.drop, 0.0))
+        for kind in ("tt", "svd") for c in sens.curve(name, kind) if c.params < sens.params]
+        for name, cost in dense.items()}
+    fixed = total - sum(dense.values())
+    best = min(sum(o[2] for o in combo) for combo in itertools.product(*options.values())
+               if fixed + sum(o[1] for o in combo) <= target)
+    assert summary["predicted_drop"] == pytest.approx(best, abs=1e-6)
+    assert any(r.get("method") == "svd" for r in rows)  # on this model SVD wins somewhere
+    kinds = {TTLinear: "tt", nn.Sequential: "svd"}  # SVD: Linear(in, r) -> Linear(r, out)
+    for row in rows:
+        layer = student.get_submodule(row["name"])
+        if row["rank"] == "dense":
+            assert isinstance(layer, nn.Linear)
+        else:
+            assert kinds[type(layer)] == row["method"] and max(row["ranks"]) <= row["rank"]
+    assert student(digits_task.example(2).float()).shape == (2, 10)
+
+
 def test_budget_in_macs_over_convolutions(trained_cnn, digits_task) -> None:
     from kdcompress.metrics import count_macs
 
@@ -282,8 +315,12 @@ def test_budget_errors_come_before_any_analysis(trained_cnn, digits_task, monkey
         decompose_tt(trained_cnn, budget=0.01, data=digits_task)
     with pytest.raises(PipelineError, match="give budget or ratio, not both"):
         decompose_tt(trained_cnn, budget=0.5, ratio=4, data=digits_task)
-    with pytest.raises(PipelineError, match="method 'tt' or 'svd', but got method='tucker'"):
+    with pytest.raises(PipelineError, match="method 'tt', 'svd' or 'auto' \\(either, per "
+                                            "layer\\), but got method='tucker'"):
         decompose_tt(trained_cnn, budget=0.5, method="tucker", data=digits_task)
+    with pytest.raises(PipelineError, match="method='auto' picks TT or SVD per layer from the "
+                                            "sensitivity curves of a budget: give budget="):
+        decompose_tt(trained_cnn, method="auto", data=digits_task)
     with pytest.raises(StageError, match="pass data="):
         decompose_tt(trained_cnn, budget=0.5)
 
