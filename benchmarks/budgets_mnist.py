@@ -10,7 +10,8 @@ Run by hand (the teacher is trained once and cached; every finished part is kept
    ``decompose_tt(budget=<the uniform student's parameter count>)``, validation accuracy straight
    after decomposition and after the same distillation (``kdcompress.stages.distill``, default
    loss, ``--distill-epochs``), for each rank of ``--ranks`` and each layer set of ``--layers``
-   (``linear``: the flagship's ``nn.Linear`` layers; ``all``: convolutions too).
+   (``linear``: the flagship's ``nn.Linear`` layers; ``all``: convolutions too);
+   ``--budget-method auto`` lets the budget pick TT or SVD per layer.
 2. Pruning at the same ratio: ``prune(allocation="uniform")`` against
    ``prune(allocation="sensitivity")`` with the same KD recovery (``--recovery-epochs``), for
    each seed of ``--seeds`` (the recovery's; the cut itself has no randomness).
@@ -83,14 +84,15 @@ class Results:
 
 
 def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
-            distill_epochs: int) -> dict[str, Any]:
+            distill_epochs: int, method: str = "tt") -> dict[str, Any]:
     chosen = LAYER_SETS[layers]
     uniform = decompose_tt(teacher, rank=rank, layers=chosen)
     ctx = StageContext.standalone("budget", task)
-    budgeted = decompose_tt(teacher, budget=_params(uniform), layers=chosen, ctx=ctx)
+    budgeted = decompose_tt(teacher, budget=_params(uniform), layers=chosen, method=method,
+                            ctx=ctx)
     row: dict[str, Any] = {"uniform": _scores(uniform, task), "budget": _scores(budgeted, task),
                            "plan": {"budget": ctx.details["budget"],
-                                    "layers": [{k: r.get(k) for k in ("name", "rank",
+                                    "layers": [{k: r.get(k) for k in ("name", "method", "rank",
                                                                       "predicted_drop",
                                                                       "params")}
                                                for r in ctx.details["layers"]]}}
@@ -145,6 +147,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--layers", nargs="+", choices=sorted(LAYER_SETS), default=["linear"])
     parser.add_argument("--distill-epochs", type=int, default=2)
+    parser.add_argument("--budget-method", choices=["tt", "svd", "auto"], default="tt",
+                        help="decompose_tt(budget=..., method=...): 'auto' picks TT or SVD per "
+                             "layer (the uniform side is always TT)")
     parser.add_argument("--prune-ratios", type=float, nargs="+", default=[0.5])
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -163,8 +168,9 @@ def main() -> None:
     results = Results(args.work / f"budgets-{task.fingerprint[:12]}.json")
     for layers in args.layers:
         for rank in args.ranks:
-            results.part(f"tt r{rank} {layers}", lambda r=rank, lay=layers: tt_part(
-                teacher, task, r, lay, args.distill_epochs))
+            suffix = "" if args.budget_method == "tt" else f" {args.budget_method}"
+            results.part(f"tt r{rank} {layers}{suffix}", lambda r=rank, lay=layers: tt_part(
+                teacher, task, r, lay, args.distill_epochs, args.budget_method))
     for ratio in args.prune_ratios:
         for seed in args.seeds:
             results.part(f"prune {ratio}" + (f" s{seed}" if seed else ""),
