@@ -8,7 +8,7 @@ from torch import nn
 
 from kdcompress import models
 from kdcompress.artifacts import save_module
-from kdcompress.metrics import MeasureConfig, count_macs, latency, measure, predict
+from kdcompress.metrics import MeasureConfig, count_macs, latency, measure, predict, time_calls
 
 
 def test_count_macs_of_a_linear_layer_is_per_sample():
@@ -109,3 +109,18 @@ def test_onnx_stage_without_a_cuda_provider_says_why(cnn_onnx, digits_task, fast
     report = Report("p")
     report.add(StageRow(name="int8", function="quantize_onnx", inputs=[], format="onnx", **row))
     assert row["timing"]["cuda"] in report.row("int8").flags
+
+
+def test_callables_timed_side_by_side_take_turns_of_consecutive_runs():
+    """Each turn is turn_warmup untimed runs then a block of timed ones, so no timed run of a
+    small model follows a run of the other callable (whose data would have evicted its own)."""
+    calls: list[str] = []
+    config = MeasureConfig(warmup=1, repeats=6, block=3, turn_warmup=2, min_seconds=0.0)
+    a, b = time_calls([lambda: calls.append("a"), lambda: calls.append("b")], config)
+    assert a["runs"] == b["runs"] == 6
+    assert "".join(calls) == "a" + "b" + ("aaaaa" + "bbbbb") * 2  # warm-up, then two turns
+    calls.clear()  # one callable alone: no turn warm-up; the block never exceeds max_repeats
+    (only,) = time_calls([lambda: calls.append("a")],
+                         MeasureConfig(warmup=0, repeats=2, block=10, max_repeats=2,
+                                       min_seconds=0.0))
+    assert only["runs"] == 2 and calls == ["a", "a"]
