@@ -144,20 +144,23 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mnist_arguments(parser, epochs=20, train_limit=20000, width=64)
     parser.add_argument("--work", type=Path, default=Path("runs/budgets_mnist"))
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--ranks", type=int, nargs="*", default=[4, 8],
+                        help="uniform TT ranks to compare (none: skip part 1)")
     parser.add_argument("--layers", nargs="+", choices=sorted(LAYER_SETS), default=["linear"])
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--budget-method", choices=["tt", "svd", "auto"], default="tt",
                         help="decompose_tt(budget=..., method=...): 'auto' picks TT or SVD per "
                              "layer (the uniform side is always TT)")
-    parser.add_argument("--prune-ratios", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--prune-ratios", type=float, nargs="*", default=[0.5],
+                        help="pruning ratios to compare (none: skip part 2)")
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds of the pruning recovery (each a part of its own)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--digits", action="store_true",
                         help="check the script on scikit-learn's digits instead of MNIST")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
     if args.digits:
         task = data.digits()
     else:
