@@ -156,11 +156,11 @@ def main() -> None:
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds of the pruning recovery (each a part of its own)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--torch-threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--digits", action="store_true",
                         help="check the script on scikit-learn's digits instead of MNIST")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.torch_threads))
     if args.digits:
         task = data.digits()
     else:
