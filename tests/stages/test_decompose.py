@@ -132,7 +132,7 @@ BAD_SETTINGS = [
     ({"tol": -0.1}, "tol must be >= 0, but got -0.1"),
     ({"ratio": 0.5}, "ratio must be > 1, but got 0.5"),
     ({"ratio": "5x"}, "ratio must be a number, got '5x'"),
-    ({"method": "tuker"}, "method must be one of 'tt', 'svd', 'tucker', but got 'tuker'. "
+    ({"method": "tuker"}, "method must be one of 'tt', 'svd', 'tucker', 'auto', but got 'tuker'. "
                           "Did you mean 'tucker'?"),
 ]
 
