@@ -84,9 +84,10 @@ class Results:
 
 
 def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
-            distill_epochs: int, method: str = "tt") -> dict[str, Any]:
+            distill_epochs: int, method: str = "tt", uniform_method: str = "tt"
+            ) -> dict[str, Any]:
     chosen = LAYER_SETS[layers]
-    uniform = decompose_tt(teacher, rank=rank, layers=chosen)
+    uniform = decompose_tt(teacher, rank=rank, layers=chosen, method=uniform_method)
     ctx = StageContext.standalone("budget", task)
     budgeted = decompose_tt(teacher, budget=_params(uniform), layers=chosen, method=method,
                             ctx=ctx)
@@ -150,7 +151,9 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--budget-method", choices=["tt", "svd", "auto"], default="tt",
                         help="decompose_tt(budget=..., method=...): 'auto' picks TT or SVD per "
-                             "layer (the uniform side is always TT)")
+                             "layer")
+    parser.add_argument("--uniform-method", choices=["tt", "svd"], default="tt",
+                        help="the factorisation of the uniform side, at every rank of --ranks")
     parser.add_argument("--prune-ratios", type=float, nargs="*", default=[0.5],
                         help="pruning ratios to compare (none: skip part 2)")
     parser.add_argument("--recovery-epochs", type=int, default=2)
@@ -172,8 +175,11 @@ def main() -> None:
     for layers in args.layers:
         for rank in args.ranks:
             suffix = "" if args.budget_method == "tt" else f" {args.budget_method}"
+            if args.uniform_method != "tt":
+                suffix += f" vs {args.uniform_method}"
             results.part(f"tt r{rank} {layers}{suffix}", lambda r=rank, lay=layers: tt_part(
-                teacher, task, r, lay, args.distill_epochs, args.budget_method))
+                teacher, task, r, lay, args.distill_epochs, args.budget_method,
+                args.uniform_method))
     for ratio in args.prune_ratios:
         for seed in args.seeds:
             results.part(f"prune {ratio}" + (f" s{seed}" if seed else ""),
