@@ -84,8 +84,8 @@ class Results:
 
 
 def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
-            distill_epochs: int, method: str = "tt", uniform_method: str = "tt"
-            ) -> dict[str, Any]:
+            distill_epochs: int, method: str = "tt", uniform_method: str = "tt",
+            seed: int = 0) -> dict[str, Any]:
     chosen = LAYER_SETS[layers]
     uniform = decompose_tt(teacher, rank=rank, layers=chosen, method=uniform_method)
     ctx = StageContext.standalone("budget", task)
@@ -99,8 +99,9 @@ def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
                                                for r in ctx.details["layers"]]}}
     if distill_epochs:
         for name, student in (("uniform", uniform), ("budget", budgeted)):
-            torch.manual_seed(0)
-            tuned = distill(student, teacher, epochs=distill_epochs, data=task)
+            torch.manual_seed(seed)
+            tuned = distill(student, teacher, epochs=distill_epochs,
+                            ctx=StageContext.standalone("student_kd", task, seed=seed))
             row[f"{name}_kd"] = _scores(tuned, task)
     return row
 
@@ -158,7 +159,8 @@ def main() -> None:
                         help="pruning ratios to compare (none: skip part 2)")
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="seeds of the pruning recovery (each a part of its own)")
+                        help="seeds of the distillation and of the pruning recovery (each a "
+                             "part of its own)")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--digits", action="store_true",
                         help="check the script on scikit-learn's digits instead of MNIST")
@@ -177,9 +179,11 @@ def main() -> None:
             suffix = "" if args.budget_method == "tt" else f" {args.budget_method}"
             if args.uniform_method != "tt":
                 suffix += f" vs {args.uniform_method}"
-            results.part(f"tt r{rank} {layers}{suffix}", lambda r=rank, lay=layers: tt_part(
-                teacher, task, r, lay, args.distill_epochs, args.budget_method,
-                args.uniform_method))
+            for seed in args.seeds:
+                results.part(f"tt r{rank} {layers}{suffix}" + (f" s{seed}" if seed else ""),
+                             lambda r=rank, lay=layers, s=seed: tt_part(
+                                 teacher, task, r, lay, args.distill_epochs, args.budget_method,
+                                 args.uniform_method, s))
     for ratio in args.prune_ratios:
         for seed in args.seeds:
             results.part(f"prune {ratio}" + (f" s{seed}" if seed else ""),
