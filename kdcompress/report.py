@@ -192,7 +192,8 @@ class Report:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
         lines.append("Latency in ms, median / p90. *smaller* and *faster* are ratios to the "
-                     "baseline (faster at batch 1 / batch 64, timed interleaved with it). "
+                     "baseline (faster at batch 1 / batch 64, timed side by side with it, in "
+                     "turns of consecutive runs). "
                      + ("*val* is validation accuracy, *accuracy* test accuracy."
                         if self.metric == "accuracy" else
                         f"*val {self.metric}* and *{self.metric}* are the pipeline's metric on "
