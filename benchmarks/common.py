@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,17 +67,14 @@ def ort_runner(model: OnnxModel, x: np.ndarray, threads: int) -> Callable[[], ob
 
 
 def side_by_side(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median latency (ms) of each zero-argument callable, interleaved round by round."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(5):
-        for run in runners.values():
-            run()
-    for _ in range(rounds):
-        for k, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    """Median latency (ms) of each zero-argument callable, timed side by side with the report's
+    ruler (:func:`kdcompress.metrics.time_calls`: turns of consecutive runs, at least
+    ``rounds`` timed runs each, after 5 warm-up runs)."""
+    from kdcompress.metrics import MeasureConfig, time_calls
+
+    config = MeasureConfig(warmup=5, repeats=rounds, min_seconds=0.0, max_repeats=rounds)
+    return {k: t["p50"] for k, t in zip(runners, time_calls(list(runners.values()), config),
+                                        strict=True)}
 
 
 def reproduction_arguments(parser: argparse.ArgumentParser, *, cache: str, epochs: int) -> None:
