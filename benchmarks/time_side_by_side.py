@@ -61,9 +61,6 @@ def main() -> None:
             results[name].append((mine, theirs))
     load_after = os.getloadavg()
 
-    def med(values: list[float]) -> float:
-        return statistics.median(values)
-
     print(f"\n{args.rounds} rounds, {args.threads} thread(s); load average "
           f"{' / '.join(f'{v:.2f}' for v in load_before)} before, "
           f"{' / '.join(f'{v:.2f}' for v in load_after)} after\n")
@@ -76,7 +73,8 @@ def main() -> None:
             mine = [m[key]["p50"] for m, _ in pairs]
             theirs = [t[key]["p50"] for _, t in pairs]
             ratio = [t / m for m, t in zip(mine, theirs, strict=True)]
-            cells += [f"{med(mine):.3f}", f"{med(theirs):.3f}", f"{med(ratio):.1f}x"]
+            cells += [f"{statistics.median(mine):.3f}", f"{statistics.median(theirs):.3f}",
+                      f"{statistics.median(ratio):.1f}x"]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -380,21 +380,25 @@ class Search:
                          if other != name and theirs and theirs <= below}
         return out
 
-    def _front_bases(self, trials: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
-        """The screening trials on the front: ``(number, parameter it changed, values)``."""
+    def _front(self, trials: list[Any]) -> list[Any]:
+        """The complete trials within the budget that no other such trial dominates, one per
+        value set (the first)."""
         import optuna
 
-        chosen: dict[str, Any] = {}
-        for t in self._counts(trials):
-            if (t.state == optuna.trial.TrialState.COMPLETE and self._feasible(t)
-                    and len(t.params) == len(self.params)):
-                chosen.setdefault(self._key(t.params), t)
-        feasible = list(chosen.values())
-        front = [feasible[i] for i in pareto([t.user_attrs["objectives"] for t in feasible],
-                                             self.config.objectives)]
+        candidates: dict[str, Any] = {}
+        for t in trials:
+            if t.state == optuna.trial.TrialState.COMPLETE and self._feasible(t):
+                candidates.setdefault(self._key(t.params), t)
+        chosen = list(candidates.values())
+        return [chosen[i] for i in pareto([t.user_attrs["objectives"] for t in chosen],
+                                          self.config.objectives)]
+
+    def _front_bases(self, trials: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
+        """The screening trials on the front: ``(number, parameter it changed, values)``."""
         return [(t.number, str(t.user_attrs["screen"]).partition("=")[0],
                  {n: p.decode(t.params[n]) for n, p in self.params.items()})
-                for t in sorted(front, key=lambda t: t.number) if "screen" in t.user_attrs]
+                for t in sorted(self._front(trials), key=lambda t: t.number)
+                if "screen" in t.user_attrs]
 
     def _queue_screening(self, trials: list[Any]) -> None:
         """Queue the next screening trial whose values are not in the study yet (one at a
@@ -403,8 +407,7 @@ class Search:
         if not self.config.screen:
             return
         done = {t.user_attrs.get("screen") for t in trials}
-        tried = {self._key(t.params) for t in self._counts(trials)
-                 if len(t.params) == len(self.params)}
+        tried = self._tried(trials)
         for name, values in self.screening(trials):
             params = {n: _encode(p, values[n]) for n, p in self.params.items()}
             if name not in done and self._key(params) not in tried:
@@ -458,12 +461,15 @@ class Search:
         return json.dumps({n: _readable(self.params[n].decode(v)) if n in self.params else v
                            for n, v in params.items()}, sort_keys=True)
 
+    def _tried(self, trials: list[Any]) -> set[str]:
+        """The value sets the study has run or is running (:meth:`_key`)."""
+        return {self._key(t.params) for t in self._counts(trials)
+                if len(t.params) == len(self.params)}
+
     def _exhausted(self, trials: list[Any]) -> bool:
         if self.space_size is None:
             return False
-        tried = {self._key(t.params) for t in self._counts(trials)
-                 if len(t.params) == len(self.params)}
-        return len(tried) >= self.space_size
+        return len(self._tried(trials)) >= self.space_size
 
     def _reclaim(self) -> None:
         """Mark running trials of dead workers failed and queue their values again."""
@@ -782,13 +788,7 @@ class Search:
             self.progress.finished(result)
             return result
         complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        candidates: dict[str, Any] = {}
-        for t in complete:  # one trial per value set: the first
-            if self._feasible(t):
-                candidates.setdefault(self._key(t.params), t)
-        chosen = list(candidates.values())
-        on_front = [chosen[i] for i in pareto([t.user_attrs["objectives"] for t in chosen],
-                                              self.config.objectives)]
+        on_front = self._front(trials)
         first = self.config.objectives[0]
         on_front.sort(key=lambda t: (t.user_attrs["objectives"][first], t.number))
         if not on_front and complete:
