@@ -123,6 +123,23 @@ def function_fingerprint(fn: Any) -> str:
     return sha256_hex(f"{name}:{source}".encode())
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _is_default(fn: Any, key: str, value: Any) -> bool:
+    """Whether ``key=value`` only restates ``fn``'s default (a plain value of the same type), so
+    that ``export_onnx(m, tt_export="factorized")`` and ``export_onnx(m)`` share their cache."""
+    try:
+        parameter = inspect.signature(fn).parameters.get(key)
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return False
+    default = parameter.default
+    return (isinstance(default, _PLAIN) and type(value) is type(default)
+            and value == default)
+
+
 def stage_fingerprint(fn: Any, constants: Mapping[str, Any], inputs: Mapping[str, Any], *,
                       data: tuple[str, str], seed: int, label: str = "stage") -> str:
     """The content hash deciding whether a stage's artifact can be reused.
@@ -140,6 +157,7 @@ def stage_fingerprint(fn: Any, constants: Mapping[str, Any], inputs: Mapping[str
     seed : int
         The pipeline's seed.
     """
+    constants = {k: v for k, v in constants.items() if not _is_default(fn, k, v)}
     payload = {
         "function": function_fingerprint(fn),
         "constants": {k: fingerprint_constant(v, f"{label}, {k}=")

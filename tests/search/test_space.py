@@ -111,6 +111,22 @@ def test_a_concrete_pipeline_fingerprints_like_one_written_with_literals(digits_
         searched.concrete({"student.rnak": 4})
 
 
+def test_a_keyword_restating_its_default_fingerprints_like_one_left_out(digits_task, tmp_path):
+    # a search file's `tt_export=ks.choice([...], default="factorized")` must find the stages of
+    # the hand-written pipeline that leaves tt_export out
+    def declare(**export):
+        pipeline = Pipeline("same", data=digits_task, seed=0)
+        teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+        pipeline.stage(export_onnx, out="fp32", model=teacher, **export)
+        return pipeline
+
+    left_out = _fingerprints(declare(), tmp_path)
+    assert _fingerprints(declare(tt_export="factorized"), tmp_path) == left_out
+    assert _fingerprints(declare(tt_export="auto"), tmp_path)["fp32"] != left_out["fp32"]
+    assert _fingerprints(declare(atol=1e-3), tmp_path) == left_out
+    assert _fingerprints(declare(atol=1e-2), tmp_path)["fp32"] != left_out["fp32"]
+
+
 def test_run_refuses_a_parameter_without_default_with_exit_code_2(capsys, tmp_path):
     code = main(["run", str(PIPELINES / "no_default.py"), "--out", str(tmp_path / "run")])
     assert code == 2
