@@ -12,6 +12,9 @@ Traceback (most recent call last):
 ...
 kdcompress.errors.PipelineError: shrink: rank must be >= 1, but got 0
 
+A :class:`Rule` ties several keywords together (``method="auto"`` needs a ``budget``); it sees
+the function's defaults for keywords left out.
+
 The pipeline checks every constant against these declarations when a stage is declared, before
 anything trains; the built-in stages call :func:`check_arguments` themselves too, so calling one
 directly from Python gives the same error.
@@ -19,15 +22,17 @@ directly from Python gives the same error.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kdcompress.errors import PipelineError, did_you_mean
 
 __all__ = ["stage", "StageSpec", "spec_of", "check_arguments", "Check", "Int", "Float", "Choice",
-           "ROLES"]
+           "Rule", "ROLES"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -114,12 +119,52 @@ class Choice(Check):
 
 
 @dataclass(frozen=True)
+class Rule:
+    """A rule across keywords, for settings each keyword's own check allows but not together.
+
+    Parameters
+    ----------
+    keys : tuple of str
+        The keywords it reads (the function's default stands in for one left out).
+    ok : callable
+        ``ok(**{key: value})``: whether the combination is allowed.
+    message : str or callable
+        The error: a format string over the keys (each given as its ``repr``), or a callable
+        taking the values and returning the text.
+
+    Examples
+    --------
+    >>> Rule(("budget", "method"), lambda budget, method: method != "auto" or budget is not None,
+    ...      "method={method} needs a budget")({"budget": None, "method": "auto"})
+    "method='auto' needs a budget"
+    """
+
+    keys: tuple[str, ...]
+    ok: Callable[..., bool]
+    message: str | Callable[..., str]
+
+    def __call__(self, values: Mapping[str, Any]) -> str | None:
+        picked = {k: values[k] for k in self.keys}
+        if self.ok(**picked):
+            return None
+        if callable(self.message):
+            return self.message(**picked)
+        return self.message.format(**{k: repr(v) for k, v in picked.items()})
+
+
+#: Combinations of search-parameter candidates a rule is checked on at declaration, at most
+#: (larger spaces are checked trial by trial, when each concrete pipeline is declared).
+MAX_RULE_COMBINATIONS = 1024
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """A stage function's declaration (see :func:`stage`)."""
 
     role: str = "transform"
     distributed: bool = False
     checks: Mapping[str, Check] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
 
     @property
     def compresses(self) -> bool:
@@ -131,7 +176,8 @@ _DEFAULT = StageSpec()
 
 
 def stage(*, role: str = "transform", distributed: bool = False,
-          checks: Mapping[str, Check] | None = None) -> Callable[[F], F]:
+          checks: Mapping[str, Check] | None = None,
+          rules: Sequence[Rule] = ()) -> Callable[[F], F]:
     """Declare what a stage function is, once.
 
     Parameters
@@ -143,6 +189,8 @@ def stage(*, role: str = "transform", distributed: bool = False,
         ``train`` and ``distill`` do); other stages run on rank 0 while the others wait.
     checks : dict of str to Check
         Rules for keyword values, checked when the stage is declared in a pipeline.
+    rules : sequence of Rule
+        Rules across keywords, checked then too (after each keyword's own check).
 
     Returns
     -------
@@ -152,7 +200,8 @@ def stage(*, role: str = "transform", distributed: bool = False,
     if role not in ROLES:
         raise PipelineError(f"stage role {role!r} is unknown.{did_you_mean(role, ROLES)} "
                             f"Use one of: {', '.join(ROLES)}")
-    spec = StageSpec(role=role, distributed=distributed, checks=dict(checks or {}))
+    spec = StageSpec(role=role, distributed=distributed, checks=dict(checks or {}),
+                     rules=tuple(rules))
 
     def decorate(fn: F) -> F:
         fn.__kdc_stage__ = spec  # type: ignore[attr-defined]
@@ -167,8 +216,11 @@ def spec_of(fn: Callable[..., Any]) -> StageSpec:
 
 
 def check_arguments(fn: Callable[..., Any], values: Mapping[str, Any],
-                    label: str | None = None) -> None:
+                    label: str | None = None, *, inputs: Iterable[str] = ()) -> None:
     """Check keyword ``values`` against ``fn``'s declared rules.
+
+    ``inputs`` names keywords given as other stages' outputs: a :class:`Rule` reading one is
+    left to run time (a keyword missing from ``values`` otherwise stands for its default).
 
     A search parameter (``rank=ks.int(2, 12)``) is checked through its candidates: every value
     it can take, or the ends of a large or continuous range.
@@ -193,6 +245,46 @@ def check_arguments(fn: Callable[..., Any], values: Mapping[str, Any],
             if problem:
                 raise PipelineError(f"{label}: {key}={value!r} can take {candidate!r}, but "
                                     f"{problem}; narrow the search parameter")
+    later = set(inputs)
+    for rule in spec_of(fn).rules:
+        if not later.intersection(rule.keys):
+            _check_rule(fn, rule, values, label)
+
+
+def _check_rule(fn: Callable[..., Any], rule: Rule, values: Mapping[str, Any],
+                label: str) -> None:
+    """Check ``rule`` on the given values (defaults for the others); a search parameter through
+    every combination of its candidates with the other keywords'."""
+    parameters = inspect.signature(fn).parameters
+    choices: dict[str, list[Any]] = {}
+    deferred: list[str] = []
+    for key in rule.keys:
+        if key in values:
+            value = values[key]
+        elif key in parameters and parameters[key].default is not inspect.Parameter.empty:
+            value = parameters[key].default
+        else:  # a stage input, or a keyword without a default: known only at run time
+            return
+        if _is_deferred(value):
+            candidates = list(getattr(value, "__kdc_candidates__", lambda: [])())
+            if not candidates:
+                return
+            choices[key] = candidates
+            deferred.append(key)
+        else:
+            choices[key] = [value]
+    if math.prod(len(c) for c in choices.values()) > MAX_RULE_COMBINATIONS:
+        return
+    for combination in itertools.product(*choices.values()):
+        setting = dict(zip(choices, combination, strict=True))
+        problem = rule(setting)
+        if problem is None:
+            continue
+        if deferred:
+            taken = ", ".join(f"{k}={values[k]!r} takes {setting[k]!r}" for k in deferred)
+            raise PipelineError(f"{label}: {problem} (when {taken}); narrow the search "
+                                "parameter")
+        raise PipelineError(f"{label}: {problem}")
 
 
 def _is_deferred(value: Any) -> bool:

@@ -220,7 +220,7 @@ class Pipeline:
                 inputs[key] = list(handles) if isinstance(value, (list, tuple)) else value
             else:
                 constants[key] = value
-        check_arguments(fn, constants, label)
+        check_arguments(fn, constants, label, inputs=inputs)
         for key, value in constants.items():
             found = param_paths(value, key)
             if not found:
@@ -315,7 +315,8 @@ class Pipeline:
 
         for stage in self.stages.values():
             constants = {k: substitute(v, pick) for k, v in stage.constants.items()}
-            check_arguments(stage.fn, constants, f"stage '{stage.name}' ({stage.fn.__name__})")
+            check_arguments(stage.fn, constants, f"stage '{stage.name}' ({stage.fn.__name__})",
+                            inputs=stage.inputs)
             new.stages[stage.name] = Stage(stage.name, stage.fn,
                                            {k: rehandle(v) for k, v in stage.inputs.items()},
                                            constants, stage.index)

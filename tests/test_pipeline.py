@@ -185,3 +185,58 @@ def test_stage_names_stay_functions_after_their_modules_are_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_rules_across_keywords_are_checked_at_declaration(pipeline):
+    # settings each keyword allows alone but not together fail here, before the teacher trains
+    from kdcompress import search as ks
+    from kdcompress.stages import decompose_tt, prune
+
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    with pytest.raises(PipelineError, match=r"stage 'a' \(decompose_tt\): method='auto' picks TT "
+                                            r"or SVD per layer .* give budget="):
+        pipeline.stage(decompose_tt, out="a", model=teacher, method="auto")
+    with pytest.raises(PipelineError, match=r"stage 'b' \(decompose_tt\): give budget or tol and "
+                                            r"ratio, not both"):
+        pipeline.stage(decompose_tt, out="b", model=teacher, budget=0.5, tol=0.1, ratio=4)
+    with pytest.raises(PipelineError, match="but got method='tucker'"):
+        pipeline.stage(decompose_tt, out="c", model=teacher, budget=0.5, method="tucker")
+    with pytest.raises(PipelineError, match=r"stage 'd' \(prune\): allocation='sensitivity' sets "
+                                            r"each group's ratio itself .* choose one"):
+        pipeline.stage(prune, out="d", model=teacher, allocation="sensitivity",
+                       global_pruning=True)
+    # a search parameter is checked through its candidates, with the others' values
+    with pytest.raises(PipelineError, match=r"method='auto' picks .* \(when method=.* takes "
+                                            r"'auto'\); narrow the search parameter"):
+        pipeline.stage(decompose_tt, out="e", model=teacher, method=ks.choice(["tt", "auto"]))
+    with pytest.raises(PipelineError, match=r"takes 'sensitivity'.*global_pruning=.* takes True"):
+        pipeline.stage(prune, out="f", model=teacher, allocation=ks.choice(["uniform",
+                                                                            "sensitivity"]),
+                       global_pruning=ks.choice([False, True]))
+    assert not {"a", "b", "c", "d", "e", "f"} & set(pipeline.stages)
+    # the allowed combinations declare
+    pipeline.stage(decompose_tt, out="g", model=teacher, method=ks.choice(["tt", "auto"]),
+                   budget=0.5)
+    pipeline.stage(prune, out="h", model=teacher, allocation="sensitivity")
+    pipeline.stage(decompose_tt, out="i", model=teacher, budget=0.5, method="svd")
+
+
+def test_a_users_stage_declares_its_own_rule(pipeline):
+    from kdcompress.declare import Choice, Rule, stage
+
+    @stage(checks={"mode": Choice(["fast", "exact"])},
+           rules=[Rule(("mode", "tolerance"),
+                       lambda mode, tolerance: mode != "exact" or tolerance == 0.0,
+                       "mode={mode} computes without error: drop tolerance={tolerance}")])
+    def approximate(model: nn.Module, *, mode: str = "fast",
+                    tolerance: float = 0.0) -> nn.Module:
+        return model
+
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    pipeline.stage(approximate, out="ok", model=teacher, tolerance=0.1)  # mode's default: fast
+    with pytest.raises(PipelineError, match=r"stage 'bad' \(approximate\): mode='exact' computes "
+                                            r"without error: drop tolerance=0.1"):
+        pipeline.stage(approximate, out="bad", model=teacher, mode="exact", tolerance=0.1)
+    with pytest.raises(PipelineError, match="approximate: mode='exact' computes"):
+        from kdcompress.declare import check_arguments
+        check_arguments(approximate, {"mode": "exact", "tolerance": 0.5})

@@ -16,8 +16,8 @@ from torch import nn
 from kdcompress.analysis.allocate import Allocation, Option, allocate
 from kdcompress.context import StageContext, stage_metric
 from kdcompress.data import Task
-from kdcompress.declare import Check, Choice, Float, check_arguments, stage
-from kdcompress.errors import LayerError, PipelineError, StageError
+from kdcompress.declare import Check, Choice, Float, Rule, check_arguments, stage
+from kdcompress.errors import LayerError, StageError
 from kdcompress.layers import METHODS, decompose_layer, tensorize
 from kdcompress.layers.tensorize import select_layers
 from kdcompress.metrics import count_macs
@@ -88,6 +88,11 @@ class Budget(Check):
         return None
 
 
+def _budget_clash(budget: float, tol: float | None, ratio: float | None) -> str:
+    clash = " and ".join(k for k, v in (("tol", tol), ("ratio", ratio)) if v is not None)
+    return f"give budget or {clash}, not both (budget={budget!r}, tol={tol!r}, ratio={ratio!r})"
+
+
 @stage(role="decompose", checks={
     "rank": Ranks(),
     "tol": Float(ge=0, lt=1, optional=True),
@@ -95,7 +100,18 @@ class Budget(Check):
     "method": Choice((*METHODS, "auto")),
     "budget": Budget(),
     "budget_by": Choice(BUDGET_BY),
-})
+}, rules=[
+    Rule(("budget", "tol", "ratio"),
+         lambda budget, tol, ratio: budget is None or (tol is None and ratio is None),
+         lambda budget, tol, ratio: _budget_clash(budget, tol, ratio)),
+    Rule(("budget", "method"),
+         lambda budget, method: budget is None or method in (*_BUDGET_METHODS, "auto"),
+         "budget chooses ranks for method 'tt', 'svd' or 'auto' (either, per layer), but got "
+         "method={method}"),
+    Rule(("method", "budget"), lambda method, budget: method != "auto" or budget is not None,
+         "method='auto' picks TT or SVD per layer from the sensitivity curves of a budget: give "
+         "budget=... (e.g. 0.25), or method='tt', 'svd' or 'tucker'"),
+])
 def decompose_tt(
     model: nn.Module | ModelSpec, *, rank: int | list[int] | None = 8, tol: float | None = None,
     ratio: float | None = None, layers: str | type | Sequence[str | type] | None = None,
@@ -174,16 +190,12 @@ def decompose_tt(
     >>> student = decompose_tt(teacher, budget=0.25, data=task)  # doctest: +SKIP
     """
     check_arguments(decompose_tt, {"rank": rank, "tol": tol, "ratio": ratio, "method": method,
-                                   "budget": budget, "budget_by": budget_by})
+                                   "budget": budget, "budget_by": budget_by})  # and its rules
     task = ctx.data if ctx is not None else data
     model = as_module(model, task)
     if budget is not None:
         return _decompose_to_budget(model, task, budget, budget_by, layers, method, ctx,
-                                    tol=tol, ratio=ratio, metric=stage_metric(metric, ctx))
-    if method == "auto":
-        raise PipelineError("decompose_tt: method='auto' picks TT or SVD per layer from the "
-                            "sensitivity curves of a budget: give budget=... (e.g. 0.25), or "
-                            "method='tt', 'svd' or 'tucker'")
+                                    metric=stage_metric(metric, ctx))
     if tol is not None or ratio is not None:
         rank = None
     new_model, records = tensorize(model, layers=layers, rank=rank, tol=tol, ratio=ratio,
@@ -265,16 +277,8 @@ def _target(budget: float, costs: _Costs) -> int:
 
 def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by: str,
                          layers: Any, method: str, ctx: StageContext | None, *,
-                         tol: float | None, ratio: float | None,
                          metric: MetricLike = "accuracy") -> nn.Module:
     """``decompose_tt(budget=...)``: sensitivity curves, allocation, then one rank per layer."""
-    clash = [k for k, v in (("tol", tol), ("ratio", ratio)) if v is not None]
-    if clash:
-        raise PipelineError(f"decompose_tt: give budget or {' and '.join(clash)}, not both "
-                            f"(budget={budget!r}, tol={tol!r}, ratio={ratio!r})")
-    if method not in (*_BUDGET_METHODS, "auto"):
-        raise PipelineError(f"decompose_tt: budget chooses ranks for method 'tt', 'svd' or "
-                            f"'auto' (either, per layer), but got method={method!r}")
     methods = _BUDGET_METHODS if method == "auto" else (method,)
     if task is None:
         raise StageError("decompose_tt: budget measures accuracy on the validation split: pass "

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from kdcompress.analysis.allocate import Allocation, Option, allocate, cost_range
 from kdcompress.context import StageContext, resolve_context, stage_metric
 from kdcompress.data import Task
-from kdcompress.declare import Choice, Float, Int, check_arguments, spec_of, stage
-from kdcompress.errors import PipelineError, StageError, did_you_mean
+from kdcompress.declare import Choice, Float, Int, Rule, check_arguments, spec_of, stage
+from kdcompress.errors import StageError, did_you_mean
 from kdcompress.layers.heads import (
     head_plan,
     head_pruner_kwargs,
@@ -72,7 +72,12 @@ PRUNE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     "recovery_batch_size": Int(min=1, optional=True),
     "round_to": Int(min=1, optional=True),
     "allocation": Choice(ALLOCATIONS),
-})
+}, rules=[
+    Rule(("allocation", "global_pruning"),
+         lambda allocation, global_pruning: not (allocation == "sensitivity" and global_pruning),
+         "allocation='sensitivity' sets each group's ratio itself and global_pruning=True ranks "
+         "channels across groups: choose one"),
+])
 def prune(
     model: nn.Module, *, ratio: float = 0.3, importance: str = "magnitude",
     global_pruning: bool = False, iterative_steps: int = 1, recovery_epochs: int = 3,
@@ -154,10 +159,7 @@ def prune(
         "ratio": ratio, "importance": importance, "global_pruning": global_pruning,
         "iterative_steps": iterative_steps, "recovery_epochs": recovery_epochs,
         "recovery_lr": recovery_lr, "recovery_batch_size": recovery_batch_size,
-        "round_to": round_to, "allocation": allocation})
-    if allocation == "sensitivity" and global_pruning:
-        raise PipelineError("prune: allocation='sensitivity' sets each group's ratio itself and "
-                            "global_pruning=True ranks channels across groups: choose one")
+        "round_to": round_to, "allocation": allocation})  # and its rules
     _check_model(model)
     ctx = resolve_context(ctx, "prune", data)
     recovery = FitConfig(epochs=recovery_epochs, lr=recovery_lr, batch_size=recovery_batch_size,
