@@ -302,8 +302,9 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
 
     sens = sensitivity(model, task, kinds=methods, ranks=BUDGET_RANKS, layers=names,
                        metric=metric)
-    result = allocate(_options(sens, names, methods, costs), target - costs.fixed)
-    chosen = {n: o.setting for n, o in result.choice.items() if o.setting != "dense"}
+    options = _options(sens, names, methods, costs)
+    result = allocate(options, target - costs.fixed)
+    chosen, spent = _top_up(model, result, costs, target - costs.fixed)
     new_model, records = model, []
     for m in methods:  # one pass per factorisation, each on the layers given to it
         ranks = {n: rank for n, (kind, rank) in chosen.items() if kind == m}
@@ -315,17 +316,20 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
     by_name = {r["name"]: r for r in records}
     rows = []
     for name, option in result.choice.items():
-        kind, rank = option.setting if option.setting != "dense" else (None, "dense")
+        kind, rank = chosen.get(name, (None, "dense"))
         row = {"name": name, "rank": rank, "predicted_drop": round(option.drop, 4),
-               by: option.cost}
+               by: spent[name]}
         if name in by_name:
             row.update(by_name[name])
             row["predicted_drop"] = round(option.drop, 4)
+        if kind is not None:
+            row["ladder_rank"] = option.setting[1]  # what the allocation chose and measured
         rows.append(row)
-        log.info("%s: %s, %s %d, predicted drop %.2f points", name,
-                 "dense" if kind is None else f"{kind} rank {rank}", by, option.cost,
-                 option.drop)
-    reached = costs.fixed + int(result.cost)
+        log.info("%s: %s, %s %d, predicted drop %.2f points%s", name,
+                 "dense" if kind is None else f"{kind} rank {rank}", by, spent[name],
+                 option.drop, f" (ladder rank {option.setting[1]}, raised into the budget's "
+                 "room)" if kind is not None and rank != option.setting[1] else "")
+    reached = costs.fixed + sum(spent.values())
     summary = _summary(budget, by, target, reached, costs, result, sens, method)
     if ctx is not None:
         ctx.record("layers", rows)
@@ -333,6 +337,33 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
         if not chosen:
             ctx.warn(f"budget={budget:g} holds the whole model: no layer was decomposed")
     return new_model.eval()
+
+
+def _top_up(model: nn.Module, result: Allocation, costs: _Costs, room: int
+            ) -> tuple[dict[str, tuple[str, int]], dict[str, int]]:
+    """Raise each decomposed layer's rank above the ladder rank it was given, one at a time and
+    short of the ladder's next rank, while the budget has room: the allocation can only choose
+    the ladder's ranks, and a rank in between costs more but truncates less (each SVD keeps
+    more singular values). Layers with the largest predicted drop go first; the predicted drop
+    stays the measured one of the ladder rank. Returns each decomposed layer's
+    ``(method, rank)`` and every layer's cost."""
+    chosen = {n: o.setting for n, o in result.choice.items() if o.setting != "dense"}
+    spent = {n: int(o.cost) for n, o in result.choice.items()}
+    left = room - sum(spent.values())
+    for name in sorted(chosen, key=lambda n: -result.choice[n].drop):
+        method, rank = chosen[name]
+        above = [r for r in BUDGET_RANKS if r > rank]
+        for candidate in range(rank + 1, above[0] if above else rank + 1):
+            layer, record = decompose_layer(model.get_submodule(name), method=method,
+                                            rank=candidate, name=name)
+            if max(record["ranks"]) < candidate:  # the layer's largest rank: no higher one
+                break
+            cost = costs.of(name, layer)
+            if cost >= costs.dense[name] or cost - spent[name] > left:
+                break
+            left -= cost - spent[name]
+            spent[name], chosen[name] = cost, (method, candidate)
+    return chosen, spent
 
 
 def _options(sens: Any, names: list[str], methods: Sequence[str], costs: _Costs

@@ -241,7 +241,7 @@ def test_budget_in_params_is_met_with_the_least_predicted_drop(trained_cnn, digi
     # and lower the predicted drop
     used = summary["total_after"]
     for row in rows:
-        here = next(o for o in options[row["name"]] if o[0] == row["rank"])
+        here = next(o for o in options[row["name"]] if o[0] == row.get("ladder_rank", row["rank"]))
         assert not any(o[2] < here[2] and used - here[1] + o[1] <= target
                        for o in options[row["name"]])
     decomposed = {r["name"]: r for r in rows if r["rank"] != "dense"}
@@ -282,6 +282,34 @@ def test_budget_with_method_auto_picks_tt_or_svd_per_layer(trained_cnn, digits_t
         else:
             assert kinds[type(layer)] == row["method"] and max(row["ranks"]) <= row["rank"]
     assert student(digits_task.example(2).float()).shape == (2, 10)
+
+
+def test_budget_raises_ranks_into_the_room_the_ladder_leaves(trained_cnn, digits_task,
+                                                            spy_sensitivity) -> None:
+    """The ladder holds 12 and 16; a budget with room for SVD rank 14 on fc1 gets rank 14 (the
+    allocation's 12, raised), one below it gets 13, and the predicted drop stays rank 12's."""
+    from kdcompress.layers import decompose_layer
+
+    fc1 = trained_cnn.get_submodule("classifier.fc1")
+    assert fc1.in_features > 16 and fc1.out_features > 16  # ranks up to 16 exist
+
+    def cost(rank: int) -> int:
+        layer, _ = decompose_layer(fc1, method="svd", rank=rank, name="classifier.fc1")
+        return sum(p.numel() for p in layer.parameters())
+
+    fixed = _params(trained_cnn) - sum(p.numel() for p in fc1.parameters())
+    for room, expected in ((cost(14), 14), (cost(14) - 1, 13), (cost(12), 12)):
+        ctx = StageContext.standalone("student", digits_task)
+        student = decompose_tt(trained_cnn, budget=fixed + room, method="svd",
+                               layers=["classifier.fc1"], ctx=ctx)
+        (row,) = ctx.details["layers"]
+        summary = ctx.details["budget"]
+        assert (row["ladder_rank"], row["rank"], row["ranks"]) == (12, expected, [expected])
+        assert _params(student) == summary["total_after"] == fixed + cost(expected)
+        assert summary["total_after"] <= summary["target"] and summary["met"]
+        rank12 = next(c for c in spy_sensitivity[-1].curve("classifier.fc1", "svd")
+                      if c.setting == 12)
+        assert row["predicted_drop"] == pytest.approx(max(rank12.drop, 0.0), abs=1e-4)
 
 
 def test_budget_in_macs_over_convolutions(trained_cnn, digits_task) -> None:
