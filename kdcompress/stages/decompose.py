@@ -103,7 +103,7 @@ def _budget_clash(budget: float, tol: float | None, ratio: float | None) -> str:
 }, rules=[
     Rule(("budget", "tol", "ratio"),
          lambda budget, tol, ratio: budget is None or (tol is None and ratio is None),
-         lambda budget, tol, ratio: _budget_clash(budget, tol, ratio)),
+         _budget_clash),
     Rule(("budget", "method"),
          lambda budget, method: budget is None or method in (*_BUDGET_METHODS, "auto"),
          "budget chooses ranks for method 'tt', 'svd' or 'auto' (either, per layer), but got "
@@ -302,8 +302,7 @@ def _decompose_to_budget(model: nn.Module, task: Task | None, budget: float, by:
 
     sens = sensitivity(model, task, kinds=methods, ranks=BUDGET_RANKS, layers=names,
                        metric=metric)
-    options = _options(sens, names, methods, costs)
-    result = allocate(options, target - costs.fixed)
+    result = allocate(_options(sens, names, methods, costs), target - costs.fixed)
     chosen, spent = _top_up(model, result, costs, target - costs.fixed)
     new_model, records = model, []
     for m in methods:  # one pass per factorisation, each on the layers given to it
