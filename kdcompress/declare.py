@@ -13,7 +13,8 @@ Traceback (most recent call last):
 kdcompress.errors.PipelineError: shrink: rank must be >= 1, but got 0
 
 A :class:`Rule` ties several keywords together (``method="auto"`` needs a ``budget``); it sees
-the function's defaults for keywords left out.
+the function's defaults for keywords left out, and with ``sees_inputs`` a keyword given as
+another stage's output as :data:`GIVEN` (present, its value known only at run time).
 
 The pipeline checks every constant against these declarations when a stage is declared, before
 anything trains; the built-in stages call :func:`check_arguments` themselves too, so calling one
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 from kdcompress.errors import PipelineError, did_you_mean
 
 __all__ = ["stage", "StageSpec", "spec_of", "check_arguments", "Check", "Int", "Float", "Choice",
-           "Rule", "ROLES"]
+           "Rule", "GIVEN", "ROLES"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -118,6 +119,18 @@ class Choice(Check):
         return f"{key} must be one of {allowed}, but got {value!r}.{hint}"
 
 
+class _Given:
+    """The type of :data:`GIVEN`."""
+
+    def __repr__(self) -> str:
+        return "<a stage's output>"
+
+
+#: What a :class:`Rule` with ``sees_inputs`` reads, at declaration, for a keyword given as another
+#: stage's output: the keyword is given (it is not its default), its value is not known yet.
+GIVEN = _Given()
+
+
 @dataclass(frozen=True)
 class Rule:
     """A rule across keywords, for settings each keyword's own check allows but not together.
@@ -131,6 +144,11 @@ class Rule:
     message : str or callable
         The error: a format string over the keys (each given as its ``repr``), or a callable
         taking the values and returning the text.
+    sees_inputs : bool
+        Also check it when one of ``keys`` is given as another stage's output, which it then
+        reads as :data:`GIVEN` (``teacher=<teacher>`` with ``self_distill`` is refused at
+        declaration, whatever the teacher turns out to be). Without it, such a rule is left to
+        run time.
 
     Examples
     --------
@@ -142,6 +160,7 @@ class Rule:
     keys: tuple[str, ...]
     ok: Callable[..., bool]
     message: str | Callable[..., str]
+    sees_inputs: bool = False
 
     def __call__(self, values: Mapping[str, Any]) -> str | None:
         picked = {k: values[k] for k in self.keys}
@@ -220,7 +239,8 @@ def check_arguments(fn: Callable[..., Any], values: Mapping[str, Any],
     """Check keyword ``values`` against ``fn``'s declared rules.
 
     ``inputs`` names keywords given as other stages' outputs: a :class:`Rule` reading one is
-    left to run time (a keyword missing from ``values`` otherwise stands for its default).
+    left to run time unless it ``sees_inputs``, when it reads :data:`GIVEN` for them (a keyword
+    missing from ``values`` otherwise stands for its default).
 
     A search parameter (``rank=ks.int(2, 12)``) is checked through its candidates: every value
     it can take, or the ends of a large or continuous range.
@@ -246,8 +266,11 @@ def check_arguments(fn: Callable[..., Any], values: Mapping[str, Any],
                 raise PipelineError(f"{label}: {key}={value!r} can take {candidate!r}, but "
                                     f"{problem}; narrow the search parameter")
     later = set(inputs)
+    given = {**values, **dict.fromkeys(later, GIVEN)}
     for rule in spec_of(fn).rules:
-        if not later.intersection(rule.keys):
+        if rule.sees_inputs:
+            _check_rule(fn, rule, given, label)
+        elif not later.intersection(rule.keys):
             _check_rule(fn, rule, values, label)
 
 

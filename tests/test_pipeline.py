@@ -240,3 +240,64 @@ def test_a_users_stage_declares_its_own_rule(pipeline):
     with pytest.raises(PipelineError, match="approximate: mode='exact' computes"):
         from kdcompress.declare import check_arguments
         check_arguments(approximate, {"mode": "exact", "tolerance": 0.5})
+
+
+def test_distill_settings_that_cannot_go_together_fail_at_declaration(pipeline):
+    # before this stage's teacher trains: the teacher is a stage output, counted as given
+    from kdcompress.losses import CE, KD, FitNet
+    from kdcompress.stages import distill
+
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    with pytest.raises(PipelineError, match=r"stage 'a' \(distill\): self_distill='ema' distils "
+                                            r"the student from itself; pass teacher=None"):
+        pipeline.stage(distill, out="a", student=models.cnn(width=4), teacher=teacher,
+                       self_distill="ema")
+    with pytest.raises(PipelineError, match=r"stage 'b' \(distill\): the loss .*KD.* needs a "
+                                            r"teacher: pass teacher="):
+        pipeline.stage(distill, out="b", student=models.cnn(width=4))  # the default loss
+    with pytest.raises(PipelineError, match=r"stage 'c' \(distill\): loss must be a "
+                                            r"kdcompress.losses loss .*but got MSELoss"):
+        pipeline.stage(distill, out="c", student=models.cnn(width=4), teacher=teacher,
+                       loss=nn.MSELoss())
+    with pytest.raises(PipelineError, match="needs a teacher"):
+        pipeline.stage(distill, out="d", student=models.cnn(width=4), teacher=[],
+                       loss=FitNet("conv1", "conv1"))
+    assert not {"a", "b", "c", "d"} & set(pipeline.stages)
+    # what goes together declares: a teacher (or several), or self-distillation without one
+    pipeline.stage(distill, out="e", student=models.cnn(width=4), teacher=teacher)
+    pipeline.stage(distill, out="f", student=models.cnn(width=4), teacher=[teacher, teacher],
+                   loss=KD() + CE())
+    pipeline.stage(distill, out="g", student=models.cnn(width=4), self_distill="born_again")
+
+
+def test_a_rule_sees_a_stage_output_only_when_it_asks_to(pipeline):
+    from kdcompress.declare import GIVEN, Rule, stage
+
+    seen = []
+
+    def no_reference_with_exact(mode, reference):
+        seen.append(reference)
+        return mode != "exact" or reference is None
+
+    @stage(rules=[Rule(("mode", "reference"), no_reference_with_exact,
+                       "mode={mode} needs no reference, but got reference={reference}",
+                       sees_inputs=True)])
+    def approximate(model: nn.Module, reference: nn.Module | None = None, *,
+                    mode: str = "fast") -> nn.Module:
+        return model
+
+    @stage(rules=[Rule(("mode", "reference"), no_reference_with_exact, "never")])
+    def approximate_later(model: nn.Module, reference: nn.Module | None = None, *,
+                          mode: str = "fast") -> nn.Module:
+        return model
+
+    teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
+    with pytest.raises(PipelineError, match=r"stage 'bad' \(approximate\): mode='exact' needs no "
+                                            r"reference, but got reference=<a stage's output>"):
+        pipeline.stage(approximate, out="bad", model=teacher, reference=teacher, mode="exact")
+    assert seen == [GIVEN]
+    pipeline.stage(approximate, out="ok", model=teacher, mode="exact")  # reference: its default
+    assert seen[-1] is None
+    # without sees_inputs the rule is left to run time when it reads a stage output
+    pipeline.stage(approximate_later, out="later", model=teacher, reference=teacher, mode="exact")
+    assert len(seen) == 2

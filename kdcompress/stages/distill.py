@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from kdcompress.augment import TRANSFORMS, Transforms, compose
 from kdcompress.context import StageContext, resolve_context
 from kdcompress.data import ImageFolder, Task
-from kdcompress.declare import Choice, Float, Int, check_arguments, spec_of, stage
-from kdcompress.errors import LayerError, LossError, StageError
+from kdcompress.declare import Check, Choice, Float, Int, Rule, check_arguments, spec_of, stage
+from kdcompress.errors import LayerError, LossError
 from kdcompress.hooks import FeatureCapture
 from kdcompress.losses import CE, KD, DistillBatch, DistillLoss, teacher_weights
 from kdcompress.models import ModelSpec, as_module
@@ -70,6 +70,36 @@ def default_loss() -> DistillLoss:
     return KD(temperature=1.0) * 0.5 + CE() * 0.5
 
 
+class _LossCheck(Check):
+    """A kdcompress loss, or ``None`` for :func:`default_loss`."""
+
+    def __call__(self, key: str, value: object) -> str | None:
+        if value is None or isinstance(value, DistillLoss):
+            return None
+        return (f"{key} must be a kdcompress.losses loss (KD(), FitNet(...), their sums and "
+                f"multiples), but got {type(value).__name__}")
+
+
+def _needs_teacher(loss: object) -> bool:
+    loss = default_loss() if loss is None else loss
+    return isinstance(loss, DistillLoss) and loss.needs_teacher()
+
+
+#: Checked when the stage is declared: a teacher given as another stage's output counts as given.
+_RULES = (
+    Rule(("self_distill", "teacher"),
+         lambda self_distill, teacher: self_distill is None or teacher is None,
+         "self_distill={self_distill} distils the student from itself; pass teacher=None, or "
+         "drop self_distill to use the teacher", sees_inputs=True),
+    Rule(("loss", "teacher", "self_distill"),
+         lambda loss, teacher, self_distill: self_distill is not None
+         or bool(_as_list(teacher)) or not _needs_teacher(loss),
+         lambda loss, teacher, self_distill: (
+             f"the loss {default_loss() if loss is None else loss!r} needs a teacher: pass "
+             "teacher=..., or self_distill='born_again' or 'ema'"), sees_inputs=True),
+)
+
+
 @stage(role="distill", distributed=True, checks={
     **FIT_CHECKS,
     "teacher_weighting": Choice(_WEIGHTINGS),
@@ -78,7 +108,8 @@ def default_loss() -> DistillLoss:
     "ema_decay": Float(ge=0, lt=1),
     "cache_teacher": Choice(["auto", True, False]),
     "transforms": TRANSFORMS,
-})
+    "loss": _LossCheck(),
+}, rules=_RULES)
 def distill(
     student: nn.Module | ModelSpec, teacher: nn.Module | list[nn.Module] | None = None, *,
     loss: nn.Module | None = None, epochs: int = 10, lr: float = 2e-3,
@@ -133,7 +164,10 @@ def distill(
     Raises
     ------
     PipelineError
-        A setting breaks its rule (``ema_decay must be < 1, but got 1.5``).
+        A setting breaks its rule (``ema_decay must be < 1, but got 1.5``), the loss is not a
+        kdcompress loss, or the settings do not go together (``self_distill`` with a teacher; a
+        loss that needs a teacher without one). In a pipeline these are found when the stage is
+        declared, a teacher given as another stage's output counting as given.
     LossError
         A layer the loss names does not exist, or two layers cannot be paired; raised before the
         first optimisation step, naming both layers and their shapes.
@@ -148,7 +182,8 @@ def distill(
     ...                      epochs=10, data=data.digits())  # doctest: +SKIP
     """
     check_arguments(distill, {
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
+        "teacher": teacher, "loss": loss, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+        "weight_decay": weight_decay,
         "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip,
         "teacher_weighting": teacher_weighting, "self_distill": self_distill,
         "generations": generations, "ema_decay": ema_decay, "cache_teacher": cache_teacher,
@@ -157,7 +192,7 @@ def distill(
     augment = compose(transforms)
     if augment is not None:
         augment.check_input(ctx.data.input_shape, ctx.name)
-    loss = _check_loss(loss, teacher, self_distill)
+    loss = default_loss() if loss is None else loss
     torch.manual_seed(ctx.seed)
     student = copy.deepcopy(as_module(student, ctx.data)).to(ctx.device)
     if epochs == 0:
@@ -186,22 +221,6 @@ def _as_list(teacher: nn.Module | list[nn.Module] | None) -> list[nn.Module]:
     if teacher is None:
         return []
     return list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
-
-
-def _check_loss(loss: nn.Module | None, teacher: nn.Module | list[nn.Module] | None,
-                self_distill: str | None) -> DistillLoss:
-    """The loss to use; errors for a loss that is not a DistillLoss or lacks its teacher."""
-    loss = default_loss() if loss is None else loss
-    if not isinstance(loss, DistillLoss):
-        raise LossError(f"distill: loss must be a kdcompress.losses loss (KD(), FitNet(...), "
-                        f"their sums and multiples), but got {type(loss).__name__}")
-    if self_distill is not None and teacher is not None:
-        raise StageError(f"distill: self_distill={self_distill!r} distils the student from "
-                         "itself; pass teacher=None, or drop self_distill to use the teacher")
-    if self_distill is None and not _as_list(teacher) and loss.needs_teacher():
-        raise StageError(f"distill: the loss {loss!r} needs a teacher: pass teacher=..., or "
-                         "self_distill='born_again' or 'ema'")
-    return loss
 
 
 def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
