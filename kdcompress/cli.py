@@ -139,6 +139,9 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
                         help="random trials before TPE models the results; NSGA-II's "
                         "population (default 8)")
     search.add_argument("--seed", type=int, default=0, help="seeds the sampler (default 0)")
+    search.add_argument("--retime-rounds", type=int, default=3, metavar="N",
+                        help="before the front is chosen, time the models within the budget "
+                        "again side by side, N rounds (default 3; 0: each trial's own timing)")
     search.add_argument("--storage", metavar="URL", help="optuna storage shared by workers "
                         "(default sqlite:///RUN/search/study.db)")
     search.add_argument("--study-name", metavar="NAME", help="default: the pipeline's name")
@@ -276,7 +279,8 @@ def _search(args: argparse.Namespace, console) -> int:
                                            if o.strip()),
                           max_drop=args.max_drop, target=args.target, sampler=args.sampler,
                           pruner=args.pruner, startup_trials=args.startup_trials,
-                          seed=args.seed, storage=args.storage, study_name=args.study_name)
+                          seed=args.seed, storage=args.storage, study_name=args.study_name,
+                          retime_rounds=args.retime_rounds)
     options = RunOptions(out=args.out, device=args.device, data=_task(args, pipeline),
                          threads=args.threads)
     progress = RichSearchProgress(console)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from kdcompress.data import Task
 from kdcompress.scoring import Metric, MetricLike
 from kdcompress.training import predict_logits
 
-__all__ = ["MeasureConfig", "measure", "latency", "latency_against", "predict", "predict_split",
+__all__ = ["MeasureConfig", "measure", "latency", "latency_against", "latency_side_by_side",
+           "predict", "predict_split",
            "count_macs", "time_call", "time_calls"]
 
 
@@ -187,6 +188,43 @@ def latency(model: nn.Module | OnnxModel, x: torch.Tensor, config: MeasureConfig
     """Latency in ms per batch size: ``{"batch_1": {"p50", "p90", "runs"}, ...}``."""
     with _calls(model, x, config, device) as (calls, sync):
         return {k: time_call(fn, config, sync) for k, fn in calls.items()}
+
+
+def latency_side_by_side(models: Sequence[nn.Module | OnnxModel], x: torch.Tensor,
+                         config: MeasureConfig, *, rounds: int = 1) -> list[dict[str, dict]]:
+    """Latency of several models on the CPU, timed in turns in one session.
+
+    Each batch size is timed ``rounds`` times with :func:`time_calls` (the models taking turns
+    of ``config.block`` runs); a model's latency is the median of its per-round medians. Every
+    model meets the same moments of the machine's load, so their order holds when separate
+    timings, minutes apart, would not.
+
+    Returns
+    -------
+    list of dict
+        One ``{"batch_1": {"p50", "p90", "runs"}, ...}`` per model, in the order given.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, but got {rounds!r}")
+    out: list[dict[str, dict]] = [{} for _ in models]
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(_calls(m, x, config)) for m in models]
+        if not opened:
+            return out
+
+        def sync() -> None:
+            for _, model_sync in opened:
+                model_sync()
+
+        for key in opened[0][0]:
+            per_round = [time_calls([calls[key] for calls, _ in opened], config, sync)
+                         for _ in range(rounds)]
+            for i, timed in enumerate(out):
+                runs = [r[i] for r in per_round]
+                timed[key] = {"p50": round(float(np.median([r["p50"] for r in runs])), 4),
+                              "p90": round(float(np.median([r["p90"] for r in runs])), 4),
+                              "runs": sum(r["runs"] for r in runs)}
+    return out
 
 
 def latency_against(model: nn.Module | OnnxModel, reference: nn.Module | OnnxModel,

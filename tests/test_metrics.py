@@ -124,3 +124,30 @@ def test_callables_timed_side_by_side_take_turns_of_consecutive_runs():
                          MeasureConfig(warmup=0, repeats=2, block=10, max_repeats=2,
                                        min_seconds=0.0))
     assert only["runs"] == 2 and calls == ["a", "a"]
+
+
+def test_several_models_timed_side_by_side_over_rounds(tiny_task):
+    import time
+
+    from kdcompress.metrics import latency_side_by_side
+
+    class Sleeps(nn.Module):
+        def __init__(self, seconds: float) -> None:
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            time.sleep(self.seconds)
+            return x.flatten(1)[:, :4]
+
+    config = MeasureConfig(repeats=3, warmup=1, min_seconds=0.0, block=3, turn_warmup=0,
+                           batch_sizes=(1, 8))
+    x, _ = tiny_task.arrays("test")
+    slow, fast, middle = latency_side_by_side([Sleeps(0.006), Sleeps(0.0), Sleeps(0.003)], x,
+                                              config, rounds=2)
+    for key in ("batch_1", "batch_8"):
+        # the order of the arguments is kept, and each model's own time is measured
+        assert slow[key]["p50"] >= 6.0 > middle[key]["p50"] >= 3.0 > fast[key]["p50"]
+        assert slow[key]["runs"] == fast[key]["runs"] == middle[key]["runs"] == 2 * 3
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        latency_side_by_side([Sleeps(0.0)], x, config, rounds=0)

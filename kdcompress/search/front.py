@@ -51,7 +51,11 @@ class TrialSummary:
     values : dict
         Its parameter values (the repr of a value that is not a plain number or string).
     objectives : dict, optional
-        Objective values of the target stage, measured during the search.
+        Objective values of the target stage: measured during the search, with the latencies
+        timed again side by side once the trials were over for the trials within the budget
+        (what the front was chosen on).
+    search_objectives : dict, optional
+        The trial's own objective values where the latencies were timed again.
     val_accuracy, baseline_val_accuracy : float, optional
         Validation accuracy of the target and of the baseline.
     drop : float, optional
@@ -84,6 +88,7 @@ class TrialSummary:
     note: str = ""
     default: bool = False
     baseline_objectives: dict[str, float] | None = None
+    search_objectives: dict[str, float] | None = None
 
 
 @dataclass
@@ -97,7 +102,8 @@ class FrontPoint:
     values : dict
         Its parameter values (as in :class:`TrialSummary`).
     objectives : dict
-        Objective values measured during the search (what the front was chosen on).
+        What the front was chosen on: the objective values of the search, latencies timed again
+        side by side with the other trials within the budget (see ``SearchResult.retimed``).
     val_accuracy, drop : float
         Validation accuracy and points lost against the baseline, as in the search.
     accuracy : float
@@ -155,6 +161,10 @@ class SearchResult:
         When no trial met the budget: ``{"trial", "drop", "over"}`` for the closest one.
     pending : int
         Trials still running or waiting in other workers; the front is written by the last.
+    retimed : dict, optional
+        The re-timing of the trials within the budget before the front was chosen: ``models``,
+        ``rounds``, ``seconds``, ``load`` (the load average), and the trials it moved onto
+        (``joined``) and off (``left``) the front; ``{"note": ...}`` when it could not be done.
     notes : list of str
         What could not be done (a best file that could not be written, and why).
     """
@@ -173,6 +183,7 @@ class SearchResult:
     closest_miss: dict[str, Any] | None = None
     pending: int = 0
     notes: list[str] = field(default_factory=list)
+    retimed: dict[str, Any] | None = None
 
     def counts(self) -> dict[str, int]:
         """Trials per state."""
@@ -262,6 +273,15 @@ def summary(doc: Mapping[str, Any]) -> str:
                      f"{miss['over']:.2f} more than allowed.")
     else:
         lines.append("No trial completed: see the notes of the failed ones.")
+    retimed = doc.get("retimed") or {}
+    if "models" in retimed:
+        moved = [f"{_plural(len(retimed[k]), 'trial')} {', '.join(map(str, retimed[k]))} {w}"
+                 for k, w in (("joined", "onto it"), ("left", "off it")) if retimed[k]]
+        lines.append(f"The front was chosen on the latencies of the {retimed['models']} models "
+                     f"within the budget timed again side by side ({retimed['rounds']} rounds, "
+                     f"{retimed['seconds']:.0f} s); "
+                     + ("that moved " + " and ".join(moved) if moved
+                        else "that moved no trial onto or off it") + ".")
     return " ".join(lines)
 
 
@@ -301,16 +321,21 @@ def trial_cells(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the table of every trial."""
     names = list(doc["trials"][0]["values"]) if doc["trials"] else []
     objectives = list(doc["objectives"])
+    # a latency timed again before the front was chosen shows the trial's own timing beside it
     header = ["trial", "state"] + names + ["val", "drop"] + objectives + ["ran", "cached", "s",
                                                                             "note"]
     rows = []
     for t in doc["trials"]:
         obj = t["objectives"] or {}
+        own = t.get("search_objectives") or {}
         rows.append([str(t["number"]) + (" (default)" if t["default"] else ""), t["state"]]
                     + [_cell(t["values"].get(n, "")) for n in names]
                     + [_percent(t["val_accuracy"]),
                        "-" if t["drop"] is None else f"{t['drop']:+.2f}"]
-                    + [_objective_text(o, obj.get(o)) for o in objectives]
+                    + [_objective_text(o, obj.get(o))
+                       + (f" (trial: {_objective_text(o, own[o])})"
+                          if o in own and own[o] != obj.get(o) else "")
+                       for o in objectives]
                     + [str(len(t["ran"])), str(len(t["cached"])),
                        "-" if t["seconds"] is None else f"{t['seconds']:.1f}", t["note"]])
     return header, rows

@@ -41,6 +41,10 @@ class SearchProgress:
     def trial_finished(self, trial: TrialSummary) -> None:
         """A trial ended (complete, pruned or failed)."""
 
+    def retiming(self, count: int) -> None:
+        """The trials are over; the final models of ``count`` of them, within the budget, are
+        timed again side by side before the front is chosen."""
+
     def front_started(self, count: int) -> None:
         """The trials are over; ``count`` front pipelines are measured on the test split."""
 
@@ -135,6 +139,10 @@ class RichSearchProgress(SearchProgress):
             header, rows = trial_cells({**self.doc, "trials": [asdict(trial)]})
             self.console.print("  ".join(f"{h} {c}" for h, c in zip(header, rows[0], strict=True)
                                          if c not in ("", "-")), highlight=False)
+        self._refresh()
+
+    def retiming(self, count: int) -> None:
+        self.status = f"timing the {count} models within the budget again, side by side"
         self._refresh()
 
     def front_started(self, count: int) -> None:

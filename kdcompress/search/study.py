@@ -23,6 +23,13 @@ What a trial is:
   budget (once :data:`PRUNE_AFTER` of them recorded that epoch). A pruned stage is not cached.
 - A value set already tried is not run again: the trial takes the earlier one's results and does
   not count toward the number of trials asked for.
+- The front is chosen once the trials are over, on latencies timed again: a trial times its model
+  once, next to the baseline, at one moment of the machine's load, and a sub-millisecond graph
+  timed that way can read twice as slow as it runs. The final models of the trials within the
+  budget are timed once more side by side, in turns (``retime_rounds`` rounds), and the front is
+  the Pareto set of those timings; the trials' own timings stay in the table
+  (``search_objectives``) and ``SearchResult.retimed`` says which trials the re-timing moved on
+  or off the front.
 
 Study and workers: the study lives in ``RUN/search/study.db`` (SQLite) unless ``storage=`` names
 another optuna storage. Workers sharing the storage (and the run folder, on one machine) each run
@@ -41,6 +48,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -50,6 +58,7 @@ from typing import Any
 
 from kdcompress.data import Task, digits
 from kdcompress.errors import (
+    CorruptStage,
     KDCompressError,
     PipelineError,
     RunFailed,
@@ -57,6 +66,8 @@ from kdcompress.errors import (
     did_you_mean,
 )
 from kdcompress.fingerprint import fingerprint_constant
+from kdcompress.fingerprint_store import FingerprintStore
+from kdcompress.metrics import MeasureConfig, latency_side_by_side
 from kdcompress.options import RunOptions
 from kdcompress.pipeline import Pipeline
 from kdcompress.report import Report
@@ -126,6 +137,11 @@ class SearchConfig:
     heartbeat : float
         Seconds between a running trial's heartbeats; a trial silent for four of them (or whose
         process ended, on this host) is taken as dead and queued again.
+    retime_rounds : int
+        Once the trials are over, the final models of the trials within the budget are timed
+        again side by side, in turns, this many rounds (the median of the rounds' medians), and
+        the front is chosen on those latencies (module docstring); 0 chooses it on each trial's
+        own timing.
     """
 
     objectives: tuple[str, ...] = ("size", "latency")
@@ -139,6 +155,7 @@ class SearchConfig:
     storage: str | None = None
     study_name: str | None = None
     heartbeat: float = 30.0
+    retime_rounds: int = 3
 
     def check(self) -> None:
         """Raise :class:`PipelineError` naming the first setting that cannot work."""
@@ -167,6 +184,10 @@ class SearchConfig:
                                 f"{self.startup_trials!r}")
         if not self.heartbeat > 0:
             raise PipelineError(f"heartbeat must be > 0 seconds, but got {self.heartbeat!r}")
+        if isinstance(self.retime_rounds, bool) or not isinstance(self.retime_rounds, int) \
+                or self.retime_rounds < 0:
+            raise PipelineError(f"retime_rounds must be an integer >= 0, but got "
+                                f"{self.retime_rounds!r}")
 
 
 def _readable(value: Any) -> Any:
@@ -380,18 +401,75 @@ class Search:
                          if other != name and theirs and theirs <= below}
         return out
 
-    def _front(self, trials: list[Any]) -> list[Any]:
+    def _front(self, trials: list[Any],
+               retimed: Mapping[str, dict[str, float]] | None = None) -> list[Any]:
         """The complete trials within the budget that no other such trial dominates, one per
-        value set (the first)."""
+        value set (the first); on the ``retimed`` objectives of a value set where given."""
+        chosen = list(self._candidates(trials).values())
+        return [chosen[i] for i in pareto([self._objectives_of(t, retimed) for t in chosen],
+                                          self.config.objectives)]
+
+    def _candidates(self, trials: list[Any]) -> dict[str, Any]:
+        """The complete trials within the budget, one per value set (the first), by key."""
         import optuna
 
         candidates: dict[str, Any] = {}
         for t in trials:
             if t.state == optuna.trial.TrialState.COMPLETE and self._feasible(t):
                 candidates.setdefault(self._key(t.params), t)
-        chosen = list(candidates.values())
-        return [chosen[i] for i in pareto([t.user_attrs["objectives"] for t in chosen],
-                                          self.config.objectives)]
+        return candidates
+
+    def _objectives_of(self, t: Any, retimed: Mapping[str, dict[str, float]] | None
+                       ) -> dict[str, float]:
+        return (retimed or {}).get(self._key(t.params), t.user_attrs["objectives"])
+
+    def _retime(self, trials: list[Any]) -> tuple[dict[str, dict[str, float]],
+                                                  dict[str, Any] | None]:
+        """The objectives of every candidate for the front with its latencies timed again, side
+        by side (by value-set key), and what was done: ``({}, None)`` when there is nothing to
+        time again; ``({}, {"note": ...})`` when a model could not be loaded (then no trial's
+        timing is replaced: the front is not chosen on two rulers)."""
+        timed = [o for o in self.config.objectives if o.startswith("latency")]
+        candidates = self._candidates(trials)
+        if not timed or self.config.retime_rounds == 0 or len(candidates) < 2:
+            return {}, None
+        store = FingerprintStore(self.run_dir)
+        trusted = frozenset(sys.modules)  # as the runner: classes importable now, none from RUN
+        models = []
+        for t in candidates.values():
+            fingerprint = (t.user_attrs.get("fingerprints") or {}).get(self.target)
+            try:
+                entry = store.lookup(self.target, fingerprint) if fingerprint else None
+                model = None if entry is None else store.load(entry, trusted_modules=trusted)
+            except CorruptStage as exc:
+                model, why = None, str(exc)
+            else:
+                why = "it is not in the run folder"
+            if model is None:
+                return {}, {"note": f"the front is chosen on each trial's own timing: trial "
+                                    f"{t.number}'s '{self.target}' could not be loaded to be "
+                                    f"timed again ({why})"}
+            models.append(model)
+        config = self.options.measure or MeasureConfig(threads=self.options.threads)
+        x = self.task.head(self.task.eval_split, max(config.batch_sizes))
+        self.progress.retiming(len(models))
+        started, load = time.perf_counter(), _load_average()
+        timings = latency_side_by_side(models, x, config, rounds=self.config.retime_rounds)
+        retimed: dict[str, dict[str, float]] = {}
+        for (key, t), latency in zip(candidates.items(), timings, strict=True):
+            objectives = dict(t.user_attrs["objectives"])
+            largest = "batch_64" if "batch_64" in latency else "batch_1"  # Row.batch_latency
+            for name, batch in (("latency", largest), ("latency_b1", "batch_1")):
+                if name in objectives and batch in latency:
+                    objectives[name] = float(latency[batch]["p50"])
+            retimed[key] = objectives
+        before = {t.number for t in self._front(trials)}
+        after = {t.number for t in self._front(trials, retimed)}
+        loads = [v for v in (load, _load_average()) if v is not None]
+        return retimed, {"models": len(models), "rounds": self.config.retime_rounds,
+                         "seconds": round(time.perf_counter() - started, 3),
+                         "load": max(loads) if loads else None,
+                         "joined": sorted(after - before), "left": sorted(before - after)}
 
     def _front_bases(self, trials: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
         """The screening trials on the front: ``(number, parameter it changed, values)``."""
@@ -788,9 +866,16 @@ class Search:
             self.progress.finished(result)
             return result
         complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        on_front = self._front(trials)
+        retimed, result.retimed = self._retime(trials)
+        if result.retimed is not None and "note" in result.retimed:
+            result.notes.append(result.retimed["note"])
+        for t, summary in zip(trials, result.trials, strict=True):
+            again = retimed.get(self._key(t.params)) if summary.objectives else None
+            if again is not None:
+                summary.search_objectives, summary.objectives = summary.objectives, again
+        on_front = self._front(trials, retimed)
         first = self.config.objectives[0]
-        on_front.sort(key=lambda t: (t.user_attrs["objectives"][first], t.number))
+        on_front.sort(key=lambda t: (self._objectives_of(t, retimed)[first], t.number))
         if not on_front and complete:
             closest = min(complete, key=lambda t: (t.user_attrs["drop"], t.number))
             drop = closest.user_attrs["drop"]
@@ -800,7 +885,7 @@ class Search:
         self._measure_defaults(result, trials)
         artifacts: dict[int, Any] = {}
         for t in on_front:
-            point, artifact = self._measure_point(t, result)
+            point, artifact = self._measure_point(t, result, self._objectives_of(t, retimed))
             if point is not None:
                 result.front.append(point)
                 artifacts[t.number] = artifact
@@ -820,7 +905,8 @@ class Search:
                            read_test=True)
         return report, observer
 
-    def _measure_point(self, t: Any, result: SearchResult) -> tuple[FrontPoint | None, Any]:
+    def _measure_point(self, t: Any, result: SearchResult,
+                       objectives: dict[str, float]) -> tuple[FrontPoint | None, Any]:
         values = {n: p.decode(t.params[n]) for n, p in self.params.items()}
         try:
             report, observer = self._measure(values, f"{t.number:04d}")
@@ -831,7 +917,7 @@ class Search:
         row = report.row(self.target)
         assert row is not None and row.accuracy is not None
         point = FrontPoint(trial=t.number, values={n: _readable(v) for n, v in values.items()},
-                           objectives=t.user_attrs["objectives"],
+                           objectives=objectives,
                            val_accuracy=t.user_attrs["val_accuracy"], drop=t.user_attrs["drop"],
                            accuracy=row.accuracy, agreement=row.agreement,
                            size_bytes=row.size_bytes, latency_ms=row.latency_ms)
@@ -925,6 +1011,13 @@ def _check_timed(objectives: tuple[str, ...], options: RunOptions) -> None:
     if "latency" in objectives and not sizes:
         raise PipelineError("objective 'latency' needs a timed batch size, but "
                             "MeasureConfig.batch_sizes is empty")
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not on every platform
+        return None
 
 
 def _objectives(row: Any, names: tuple[str, ...]) -> dict[str, float]:

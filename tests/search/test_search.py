@@ -437,3 +437,68 @@ def test_screening_goes_on_downstream_of_each_screening_trial_on_the_front(tmp_p
     search._study = Queue()
     search._queue_screening(trials)
     assert search._study.queued[0][1] == {"screen": "fp32.tt_export='auto' on trial 5"}
+
+
+def test_the_trials_within_budget_are_timed_again_before_the_front_is_chosen(searched):
+    result = searched["result"]
+    within = {tuple(sorted(t.values.items())): t for t in result.trials
+              if t.state == "complete" and t.feasible}
+    assert result.retimed["models"] == len(within) >= 2 and result.retimed["rounds"] == 3
+    study = {t.number: t for t in searched["search"].study.trials}
+    for t in result.trials:
+        if not (t.state == "complete" and t.feasible):
+            assert t.search_objectives is None
+            continue
+        # the trial's own timing is kept beside the one the front was chosen on
+        assert t.search_objectives == study[t.number].user_attrs["objectives"]
+        assert t.objectives["size"] == t.search_objectives["size"]
+        assert t.objectives["latency"] > 0
+    for p in result.front:
+        assert p.objectives == next(t.objectives for t in result.trials if t.number == p.trial)
+    doc = json.loads((searched["run"] / "search" / "frontier.json").read_text())
+    assert doc["retimed"]["models"] == len(within)
+    assert "timed again side by side (3 rounds" in result.summary()
+
+
+def test_the_front_follows_the_side_by_side_timing_not_the_trials_own(tmp_path, fast_measure,
+                                                                      monkeypatch):
+    import kdcompress.search.study as study_module
+
+    run = tmp_path / "run"
+    search = Search(load_pipeline(PIPELINES / "tiny_search.py"),
+                    SearchConfig(objectives=("latency",), max_drop=100.0, screen=False,
+                                 retime_rounds=2),
+                    RunOptions(out=run, measure=fast_measure, plot=False))
+    for rank in (1, 3):  # after the default (rank 2)
+        search.study.enqueue_trial({"student.rank": rank, "tuned.epochs": 1, "tuned.lr": 0.002})
+    trials = search.optimize(trials=3)
+    assert [t.state for t in trials] == ["complete"] * 3
+    timed: list = []
+
+    def fake(models, x, config, *, rounds):
+        # given the three trials' models in trial order: the later, the faster at batch 64
+        timed.append((models, rounds))
+        return [{"batch_1": {"p50": 1.0, "p90": 1.0, "runs": 2},
+                 "batch_64": {"p50": 10.0 - i, "p90": 10.0 - i, "runs": 2}}
+                for i in range(len(models))]
+
+    monkeypatch.setattr(study_module, "latency_side_by_side", fake)
+    result = search.finish()
+    (models, rounds), = timed
+    assert len(models) == 3 and rounds == 2 and all(isinstance(m, nn.Module) for m in models)
+    last = max(trials, key=lambda t: t.number)  # the fake makes the last candidate fastest
+    assert [p.trial for p in result.front] == [last.number]
+    own = {t.number: t.search_objectives["latency"] for t in result.trials}
+    before = min(own, key=lambda n: (own[n], n))
+    assert result.retimed["joined"] == ([] if before == last.number else [last.number])
+    assert result.retimed["left"] == ([] if before == last.number else [before])
+    assert [t.objectives["latency"] for t in sorted(result.trials, key=lambda t: t.number)] \
+        == [10.0, 9.0, 8.0]
+
+    # a model that cannot be loaded: no trial's timing is replaced, and a note says why
+    monkeypatch.setattr(study_module.FingerprintStore, "lookup", lambda self, name, fp: None)
+    result = search.finish()
+    assert "note" in result.retimed and any("could not be loaded to be timed again" in n
+                                            for n in result.notes)
+    assert all(t.search_objectives is None for t in result.trials)
+    assert [p.trial for p in result.front] == [before]
