@@ -377,6 +377,14 @@ def test_an_unknown_objective_is_refused_with_the_known_ones(capsys, tmp_path):
     assert "objective 'latency_b2' is unknown" in err and "latency_b1" in err
 
 
+def test_a_negative_number_of_retiming_rounds_is_refused_before_any_trial(capsys, tmp_path):
+    code = main(["search", str(PIPELINES / "tiny_search.py"), "--out", str(tmp_path / "run"),
+                 "--retime-rounds", "-1"])
+    assert code == 2
+    assert "retime_rounds must be an integer >= 0, but got -1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _done(number, params, *, screen=None, drop=0.0, size=1.0, latency=1.0):
     """A finished trial as the study holds it (what screening reads of one)."""
     from types import SimpleNamespace
