@@ -51,9 +51,7 @@ import io
 import logging
 import platform
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -905,19 +903,15 @@ def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
 
 
 def _side_by_side(models: list[OnnxModel], x: np.ndarray, budget_s: float) -> list[float]:
-    """Median latency of each graph (one thread), runs interleaved so load hits all alike."""
+    """Median latency in seconds of each graph (one thread), timed in turns side by side with
+    the report's ruler (:func:`kdcompress.metrics.time_calls`) for about ``budget_s``."""
     sessions = [m.session("cpu", threads=1) for m in models]
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for s, feed in zip(sessions, feeds, strict=True):
-        s.run(None, feed)  # warm-up
-    times: list[list[float]] = [[] for _ in models]
-    deadline = time.perf_counter() + budget_s
-    while len(times[0]) < 5 or (time.perf_counter() < deadline and len(times[0]) < 50):
-        for s, feed, t in zip(sessions, feeds, times, strict=True):
-            start = time.perf_counter()
-            s.run(None, feed)
-            t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    config = MeasureConfig(threads=1, warmup=1, repeats=5, max_repeats=50,
+                           min_seconds=budget_s / len(models))
+    timed = time_calls([lambda s=s, feed=feed: s.run(None, feed)
+                        for s, feed in zip(sessions, feeds, strict=True)], config)
+    return [t["p50"] / 1e3 for t in timed]
 
 
 def _check_speed(fp32: OnnxModel, int8: OnnxModel, ctx: StageContext) -> None:
