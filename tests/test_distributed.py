@@ -33,12 +33,18 @@ def _torchrun(pipeline: Path, out: Path, port: int) -> subprocess.CompletedProce
         capture_output=True, text=True, timeout=300, env=env)
 
 
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun printed: the workers' own errors come before torchrun's summary
+    in stderr, so keep enough of it to show a worker's abort, not only the launcher's."""
+    return proc.stdout[-2000:] + "\n--- stderr ---\n" + proc.stderr[-12000:]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_torchrun_two_processes_train_data_parallel(tmp_path):
     out = tmp_path / "run"
     proc = _torchrun(PIPELINES / "tiny.py", out, 29517)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, _failure(proc)
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
     assert [s["name"] for s in report["stages"]] == ["teacher", "student"]
@@ -56,7 +62,7 @@ def test_torchrun_distill_with_adapters_matches_across_processes(tmp_path):
     """distill runs data-parallel too; its feature adapter's gradients are averaged."""
     out = tmp_path / "run"
     proc = _torchrun(PIPELINES / "tiny_distill.py", out, 29518)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, _failure(proc)
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
     student = report["stages"][1]
