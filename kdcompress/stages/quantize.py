@@ -65,7 +65,7 @@ from kdcompress.context import StageContext, resolve_context, stage_metric
 from kdcompress.data import Task
 from kdcompress.declare import Choice, Float, Int, check_arguments, stage
 from kdcompress.errors import StageError
-from kdcompress.metrics import MeasureConfig, time_calls
+from kdcompress.metrics import MeasureConfig, latency_side_by_side, time_calls
 from kdcompress.onnx_compact import compact_graph, refuse_control_flow
 from kdcompress.scoring import Metric, MetricLike
 
@@ -903,15 +903,13 @@ def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
 
 
 def _side_by_side(models: list[OnnxModel], x: np.ndarray, budget_s: float) -> list[float]:
-    """Median latency in seconds of each graph (one thread), timed in turns side by side with
-    the report's ruler (:func:`kdcompress.metrics.time_calls`) for about ``budget_s``."""
-    sessions = [m.session("cpu", threads=1) for m in models]
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    config = MeasureConfig(threads=1, warmup=1, repeats=5, max_repeats=50,
-                           min_seconds=budget_s / len(models))
-    timed = time_calls([lambda s=s, feed=feed: s.run(None, feed)
-                        for s, feed in zip(sessions, feeds, strict=True)], config)
-    return [t["p50"] / 1e3 for t in timed]
+    """Median latency in seconds of each graph on ``x`` (one thread), timed in turns side by side
+    with the report's ruler (:func:`kdcompress.metrics.latency_side_by_side`) for about
+    ``budget_s``."""
+    config = MeasureConfig(threads=1, batch_sizes=(len(x),), warmup=1, repeats=5,
+                           max_repeats=50, min_seconds=budget_s / len(models))
+    timed = latency_side_by_side(models, torch.from_numpy(x), config)
+    return [t[f"batch_{len(x)}"]["p50"] / 1e3 for t in timed]
 
 
 def _check_speed(fp32: OnnxModel, int8: OnnxModel, ctx: StageContext) -> None:
