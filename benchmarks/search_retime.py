@@ -11,8 +11,10 @@ size, batch-1 and batch-64 latency, then chooses the front ``--repeats`` times
 (``Search.finish()``: each time the models within the budget are timed again side by side, and the
 front measured on the test split). It prints, as markdown, each trial's own latencies next to the
 re-timed ones (their median over the repeats and their spread, max/min), and the front each time
-against the front on the trials' own timings. Run it on a quiet machine: check the load average it
-prints.
+against the front on the trials' own timings; then, from the same re-timings, the front chosen with
+plain Pareto dominance against the search's latency tolerance (``--tolerance``, default the
+search's 5%): how many different fronts each gives over the repeats. Run it on a quiet machine:
+check the load average it prints.
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="re-timing rounds per choice")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("runs/search_retime"))
+    parser.add_argument("--tolerance", type=float, default=SearchConfig.latency_tolerance,
+                        help="the front's latency tolerance (compared with 0)")
     args = parser.parse_args()
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     search = Search(load_pipeline(PIPELINE),
                     SearchConfig(objectives=OBJECTIVES, max_drop=args.max_drop,
-                                 retime_rounds=args.rounds),
+                                 retime_rounds=args.rounds,
+                                 latency_tolerance=args.tolerance),
                     RunOptions(out=args.out, plot=False))
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -63,7 +68,7 @@ def main() -> None:
     within = [t for t in first.trials if t.state == "complete" and t.feasible
               and t.search_objectives is not None]
     own_front = {within[i].number for i in pareto([t.search_objectives for t in within],
-                                                  OBJECTIVES)}
+                                                  OBJECTIVES, tolerance=args.tolerance)}
     print(f"## The front on one ruler: {len(first.trials)} trials of the digits search\n")
     print(f"`python benchmarks/search_retime.py --trials {args.trials} --repeats {args.repeats} "
           f"--rounds {args.rounds}`: trials {trial_minutes:.1f} min (this run); load average "
@@ -89,6 +94,15 @@ def main() -> None:
               f"{info.get('seconds', float('nan')):.1f} s for {info.get('models')} models, "
               f"load {info.get('load')}; joined {info.get('joined')}, left {info.get('left')}")
     print(f"- on the trials' own timings: front {sorted(own_front)}")
+    print()
+    for tolerance in (0.0, args.tolerance):
+        fronts = []
+        for r in results:
+            timed = [next(u for u in r.trials if u.number == t.number) for t in within]
+            fronts.append(tuple(sorted(timed[i].number for i in pareto(
+                [u.objectives for u in timed], OBJECTIVES, tolerance=tolerance))))
+        print(f"- latency tolerance {tolerance:.0%}: {len(set(fronts))} different front(s) over "
+              f"{len(fronts)} re-timings: " + "; ".join(str(list(f)) for f in fronts))
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--retime-rounds", type=int, default=3, metavar="N",
                         help="before the front is chosen, time the models within the budget "
                         "again side by side, N rounds (default 3; 0: each trial's own timing)")
+    search.add_argument("--latency-tolerance", type=float, default=0.05, metavar="FRACTION",
+                        help="latencies this close count as equal when the front is chosen "
+                        "(default 0.05: 5%%; 0: plain Pareto dominance)")
     search.add_argument("--storage", metavar="URL", help="optuna storage shared by workers "
                         "(default sqlite:///RUN/search/study.db)")
     search.add_argument("--study-name", metavar="NAME", help="default: the pipeline's name")
@@ -280,7 +283,8 @@ def _search(args: argparse.Namespace, console) -> int:
                           max_drop=args.max_drop, target=args.target, sampler=args.sampler,
                           pruner=args.pruner, startup_trials=args.startup_trials,
                           seed=args.seed, storage=args.storage, study_name=args.study_name,
-                          retime_rounds=args.retime_rounds)
+                          retime_rounds=args.retime_rounds,
+                          latency_tolerance=args.latency_tolerance)
     options = RunOptions(out=args.out, device=args.device, data=_task(args, pipeline),
                          threads=args.threads)
     progress = RichSearchProgress(console)

@@ -202,7 +202,8 @@ def latency_side_by_side(models: Sequence[nn.Module | OnnxModel], x: torch.Tenso
     Returns
     -------
     list of dict
-        One ``{"batch_1": {"p50", "p90", "runs"}, ...}`` per model, in the order given.
+        One ``{"batch_1": {"p50", "p90", "runs", "spread"}, ...}`` per model, in the order
+        given; ``spread`` is the slowest round's median over the fastest's (1 for one round).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, but got {rounds!r}")
@@ -221,9 +222,11 @@ def latency_side_by_side(models: Sequence[nn.Module | OnnxModel], x: torch.Tenso
                          for _ in range(rounds)]
             for i, timed in enumerate(out):
                 runs = [r[i] for r in per_round]
-                timed[key] = {"p50": round(float(np.median([r["p50"] for r in runs])), 4),
+                medians = [r["p50"] for r in runs]
+                timed[key] = {"p50": round(float(np.median(medians)), 4),
                               "p90": round(float(np.median([r["p90"] for r in runs])), 4),
-                              "runs": sum(r["runs"] for r in runs)}
+                              "runs": sum(r["runs"] for r in runs),
+                              "spread": round(max(medians) / max(min(medians), 1e-9), 4)}
     return out
 
 

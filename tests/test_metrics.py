@@ -149,5 +149,9 @@ def test_several_models_timed_side_by_side_over_rounds(tiny_task):
         # the order of the arguments is kept, and each model's own time is measured
         assert slow[key]["p50"] >= 6.0 > middle[key]["p50"] >= 3.0 > fast[key]["p50"]
         assert slow[key]["runs"] == fast[key]["runs"] == middle[key]["runs"] == 2 * 3
+        # how far the two rounds' medians lie apart: sleeps of 6 ms repeat within 2x
+        assert 1.0 <= slow[key]["spread"] < 2.0
+    single, = latency_side_by_side([Sleeps(0.001)], x, config, rounds=1)
+    assert single["batch_1"]["spread"] == 1.0
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         latency_side_by_side([Sleeps(0.0)], x, config, rounds=0)

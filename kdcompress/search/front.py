@@ -163,7 +163,9 @@ class SearchResult:
         Trials still running or waiting in other workers; the front is written by the last.
     retimed : dict, optional
         The re-timing of the trials within the budget before the front was chosen: ``models``,
-        ``rounds``, ``seconds``, ``load`` (the load average), and the trials it moved onto
+        ``rounds``, ``seconds``, ``load`` (the load average), ``spread`` (the most any model's
+        rounds disagreed, slowest over fastest), ``tolerance`` (the front's latency tolerance),
+        ``noisy`` when the spread exceeded the tolerance, and the trials it moved onto
         (``joined``) and off (``left``) the front; ``{"note": ...}`` when it could not be done.
     notes : list of str
         What could not be done (a best file that could not be written, and why).
@@ -221,23 +223,51 @@ class SearchResult:
         return summary(self.to_dict())
 
 
-def pareto(points: Sequence[Mapping[str, float]], objectives: Sequence[str]) -> list[int]:
-    """Indices of the points no other point dominates (all objectives minimised); of equal
-    points the first is kept."""
-    keep = []
-    for i, p in enumerate(points):
-        dominated = False
-        for j, q in enumerate(points):
-            if j == i:
-                continue
-            no_worse = all(q[o] <= p[o] for o in objectives)
-            better = any(q[o] < p[o] for o in objectives)
-            if no_worse and (better or j < i):
-                dominated = True
-                break
-        if not dominated:
-            keep.append(i)
-    return keep
+def pareto(points: Sequence[Mapping[str, float]], objectives: Sequence[str], *,
+           tolerance: float = 0.0) -> list[int]:
+    """Indices of the points no other point dominates, all objectives minimised.
+
+    Parameters
+    ----------
+    points : sequence of mapping
+        Each point's objective values.
+    objectives : sequence of str
+        The objectives compared.
+    tolerance : float
+        Relative tolerance on the latency objectives (names starting with ``latency``): a point
+        within a factor ``1 + tolerance`` of another's latency is no worse than it there, so
+        two points whose timings differ by less than the timing's noise are told apart by
+        their other objectives. Sizes are exact. With 0 this is plain Pareto dominance.
+
+    Returns
+    -------
+    list of int
+        In ascending order. A point leaves the front when a kept point is no worse on every
+        objective (within the tolerance on latencies) and strictly lower on one. Points are
+        taken in ascending order of their objectives (then index), and a kept point is never
+        dropped, so the front is never empty for a non-empty input; of equal points the first
+        is kept.
+
+    >>> pareto([{"size": 1, "latency": 1.03}, {"size": 2, "latency": 1.0}], ["size", "latency"],
+    ...        tolerance=0.05)
+    [0]
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, but got {tolerance!r}")
+    slack = {o: 1 + tolerance if o.startswith("latency") else 1.0 for o in objectives}
+
+    def dominates(q: Mapping[str, float], p: Mapping[str, float]) -> bool:
+        return all(q[o] <= p[o] * slack[o] for o in objectives) and \
+            any(q[o] < p[o] for o in objectives)
+
+    order = sorted(range(len(points)),
+                   key=lambda i: (tuple(points[i][o] for o in objectives), i))
+    kept: list[int] = []
+    for i in order:
+        if not any(dominates(points[j], points[i]) or
+                   all(points[j][o] == points[i][o] for o in objectives) for j in kept):
+            kept.append(i)
+    return sorted(kept)
 
 
 # -- text -------------------------------------------------------------------------------------
@@ -279,7 +309,10 @@ def summary(doc: Mapping[str, Any]) -> str:
                  for k, w in (("joined", "onto it"), ("left", "off it")) if retimed[k]]
         lines.append(f"The front was chosen on the latencies of the {retimed['models']} models "
                      f"within the budget timed again side by side ({retimed['rounds']} rounds, "
-                     f"{retimed['seconds']:.0f} s); "
+                     f"{retimed['seconds']:.0f} s"
+                     + (f"; rounds within {retimed['spread']:.2f}x, latencies within "
+                        f"{retimed['tolerance']:.0%} counted equal" if "spread" in retimed else "")
+                     + "); "
                      + ("that moved " + " and ".join(moved) if moved
                         else "that moved no trial onto or off it") + ".")
     return " ".join(lines)

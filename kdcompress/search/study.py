@@ -142,6 +142,12 @@ class SearchConfig:
         again side by side, in turns, this many rounds (the median of the rounds' medians), and
         the front is chosen on those latencies (module docstring); 0 chooses it on each trial's
         own timing.
+    latency_tolerance : float
+        Latencies within this relative margin of each other count as equal when the front is
+        chosen (:func:`kdcompress.search.front.pareto`): a point leaves the front only for one
+        that is no larger and no slower beyond the margin, so points a timing cannot tell apart
+        do not swap places on noise. 0.05 by default (side-by-side re-timings of the same
+        models agree within a few percent); 0 is plain Pareto dominance.
     """
 
     objectives: tuple[str, ...] = ("size", "latency")
@@ -156,6 +162,7 @@ class SearchConfig:
     study_name: str | None = None
     heartbeat: float = 30.0
     retime_rounds: int = 3
+    latency_tolerance: float = 0.05
 
     def check(self) -> None:
         """Raise :class:`PipelineError` naming the first setting that cannot work."""
@@ -188,6 +195,11 @@ class SearchConfig:
                 or self.retime_rounds < 0:
             raise PipelineError(f"retime_rounds must be an integer >= 0, but got "
                                 f"{self.retime_rounds!r}")
+        if isinstance(self.latency_tolerance, bool) \
+                or not isinstance(self.latency_tolerance, (int, float)) \
+                or not 0 <= self.latency_tolerance < 1:
+            raise PipelineError(f"latency_tolerance must be a fraction in [0, 1), e.g. 0.05 for "
+                                f"5%, but got {self.latency_tolerance!r}")
 
 
 def _readable(value: Any) -> Any:
@@ -407,7 +419,8 @@ class Search:
         value set (the first); on the ``retimed`` objectives of a value set where given."""
         chosen = list(self._candidates(trials).values())
         return [chosen[i] for i in pareto([self._objectives_of(t, retimed) for t in chosen],
-                                          self.config.objectives)]
+                                          self.config.objectives,
+                                          tolerance=self.config.latency_tolerance)]
 
     def _candidates(self, trials: list[Any]) -> dict[str, Any]:
         """The complete trials within the budget, one per value set (the first), by key."""
@@ -424,15 +437,17 @@ class Search:
         return (retimed or {}).get(self._key(t.params), t.user_attrs["objectives"])
 
     def _retime(self, trials: list[Any]) -> tuple[dict[str, dict[str, float]],
-                                                  dict[str, Any] | None]:
+                                                  dict[str, Any] | None, list[Any]]:
         """The objectives of every candidate for the front with its latencies timed again, side
-        by side (by value-set key), and what was done: ``({}, None)`` when there is nothing to
-        time again; ``({}, {"note": ...})`` when a model could not be loaded (then no trial's
-        timing is replaced: the front is not chosen on two rulers)."""
+        by side (by value-set key), what was done, and the front on them: ``({}, None, front)``
+        when there is nothing to time again; ``({}, {"note": ...}, front)`` when a model could
+        not be loaded (then no trial's timing is replaced: the front is not chosen on two
+        rulers)."""
         timed = [o for o in self.config.objectives if o.startswith("latency")]
         candidates = self._candidates(trials)
+        before = self._front(trials)
         if not timed or self.config.retime_rounds == 0 or len(candidates) < 2:
-            return {}, None
+            return {}, None, before
         store = FingerprintStore(self.run_dir)
         trusted = frozenset(sys.modules)  # as the runner: classes importable now, none from RUN
         models = []
@@ -448,7 +463,7 @@ class Search:
             if model is None:
                 return {}, {"note": f"the front is chosen on each trial's own timing: trial "
                                     f"{t.number}'s '{self.target}' could not be loaded to be "
-                                    f"timed again ({why})"}
+                                    f"timed again ({why})"}, before
             models.append(model)
         config = self.options.measure or MeasureConfig(threads=self.options.threads)
         x = self.task.head(self.task.eval_split, max(config.batch_sizes))
@@ -456,20 +471,30 @@ class Search:
         started, load = time.perf_counter(), _load_average()
         timings = latency_side_by_side(models, x, config, rounds=self.config.retime_rounds)
         retimed: dict[str, dict[str, float]] = {}
+        spread = 1.0
         for (key, t), latency in zip(candidates.items(), timings, strict=True):
             objectives = dict(t.user_attrs["objectives"])
             largest = "batch_64" if "batch_64" in latency else "batch_1"  # Row.batch_latency
             for name, batch in (("latency", largest), ("latency_b1", "batch_1")):
                 if name in objectives and batch in latency:
                     objectives[name] = float(latency[batch]["p50"])
+                    spread = max(spread, float(latency[batch]["spread"]))
             retimed[key] = objectives
-        before = {t.number for t in self._front(trials)}
-        after = {t.number for t in self._front(trials, retimed)}
+        after = self._front(trials, retimed)
         loads = [v for v in (load, _load_average()) if v is not None]
-        return retimed, {"models": len(models), "rounds": self.config.retime_rounds,
-                         "seconds": round(time.perf_counter() - started, 3),
-                         "load": max(loads) if loads else None,
-                         "joined": sorted(after - before), "left": sorted(before - after)}
+        done = {"models": len(models), "rounds": self.config.retime_rounds,
+                "seconds": round(time.perf_counter() - started, 3),
+                "load": max(loads) if loads else None, "spread": round(spread, 4),
+                "tolerance": self.config.latency_tolerance,
+                "joined": sorted({t.number for t in after} - {t.number for t in before}),
+                "left": sorted({t.number for t in before} - {t.number for t in after})}
+        if spread > 1 + self.config.latency_tolerance + 1e-9:
+            done["noisy"] = (f"the re-timing's rounds disagreed by up to {spread:.2f}x, more "
+                             f"than the front's latency tolerance of "
+                             f"{self.config.latency_tolerance:.0%}: points that close may swap "
+                             "places on another timing (a quieter machine, more "
+                             "--retime-rounds, or a larger --latency-tolerance)")
+        return retimed, done, after
 
     def _front_bases(self, trials: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
         """The screening trials on the front: ``(number, parameter it changed, values)``."""
@@ -866,14 +891,14 @@ class Search:
             self.progress.finished(result)
             return result
         complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        retimed, result.retimed = self._retime(trials)
-        if result.retimed is not None and "note" in result.retimed:
-            result.notes.append(result.retimed["note"])
+        retimed, result.retimed, on_front = self._retime(trials)
+        for key in ("note", "noisy"):
+            if result.retimed is not None and key in result.retimed:
+                result.notes.append(result.retimed[key])
         for t, summary in zip(trials, result.trials, strict=True):
             again = retimed.get(self._key(t.params)) if summary.objectives else None
             if again is not None:
                 summary.search_objectives, summary.objectives = summary.objectives, again
-        on_front = self._front(trials, retimed)
         first = self.config.objectives[0]
         on_front.sort(key=lambda t: (self._objectives_of(t, retimed)[first], t.number))
         if not on_front and complete:

@@ -129,7 +129,9 @@ def test_the_front_is_the_pareto_set_of_trials_within_the_budget(searched):
     result = searched["result"]
     complete = [t for t in result.trials if t.state == "complete" and t.feasible]
     objectives = [t.objectives for t in complete]
-    front = {complete[i].number for i in pareto(objectives, result.objectives)}
+    front = {complete[i].number for i in pareto(objectives, result.objectives,
+                                                tolerance=searched["search"].config
+                                                .latency_tolerance)}
     distinct = {p.trial for p in result.front}
     assert distinct <= front and distinct  # one point per value set
     for p in result.front:
@@ -486,8 +488,8 @@ def test_the_front_follows_the_side_by_side_timing_not_the_trials_own(tmp_path, 
     def fake(models, x, config, *, rounds):
         # given the three trials' models in trial order: the later, the faster at batch 64
         timed.append((models, rounds))
-        return [{"batch_1": {"p50": 1.0, "p90": 1.0, "runs": 2},
-                 "batch_64": {"p50": 10.0 - i, "p90": 10.0 - i, "runs": 2}}
+        return [{"batch_1": {"p50": 1.0, "p90": 1.0, "runs": 2, "spread": 1.0},
+                 "batch_64": {"p50": 10.0 - i, "p90": 10.0 - i, "runs": 2, "spread": 1.0}}
                 for i in range(len(models))]
 
     monkeypatch.setattr(study_module, "latency_side_by_side", fake)
@@ -510,3 +512,61 @@ def test_the_front_follows_the_side_by_side_timing_not_the_trials_own(tmp_path, 
                                             for n in result.notes)
     assert all(t.search_objectives is None for t in result.trials)
     assert [p.trial for p in result.front] == [before]
+
+
+def test_latencies_the_retiming_cannot_tell_apart_leave_the_front_to_the_smaller_model(
+        tmp_path, fast_measure, monkeypatch):
+    import dataclasses
+
+    import kdcompress.search.study as study_module
+
+    search = Search(load_pipeline(PIPELINES / "tiny_search.py"),
+                    SearchConfig(objectives=("size", "latency"), max_drop=100.0, screen=False),
+                    RunOptions(out=tmp_path / "run", measure=fast_measure, plot=False))
+    for rank in (1, 3):  # after the default (rank 2): three sizes
+        search.study.enqueue_trial({"student.rank": rank, "tuned.epochs": 1, "tuned.lr": 0.002})
+    assert [t.state for t in search.optimize(trials=3)] == ["complete"] * 3
+    spread = {"value": 1.0}
+
+    def fake(models, x, config, *, rounds):
+        # the larger the model, the faster, but by 2% a step: within a 5% tolerance
+        counts = [sum(p.numel() for p in m.parameters()) for m in models]
+        order = sorted(range(len(models)), key=lambda i: counts[i])
+        out: list = [None] * len(models)
+        for step, i in enumerate(order):
+            ms = 10.0 * (1 - 0.02 * step)
+            out[i] = {"batch_1": {"p50": ms, "p90": ms, "runs": 2, "spread": spread["value"]},
+                      "batch_64": {"p50": ms, "p90": ms, "runs": 2, "spread": spread["value"]}}
+        return out
+
+    monkeypatch.setattr(study_module, "latency_side_by_side", fake)
+    result = search.finish()
+    sizes = {t.number: t.objectives["size"] for t in result.trials}
+    assert len(set(sizes.values())) == 3
+    smallest = min(sizes, key=sizes.get)
+    assert [p.trial for p in result.front] == [smallest]
+    assert result.retimed["tolerance"] == 0.05 and result.retimed["spread"] == 1.0
+    assert "latencies within 5% counted equal" in result.summary()
+    assert not any("disagreed" in n for n in result.notes)
+
+    # plain dominance keeps all three: each is better at size or at latency
+    search.config = dataclasses.replace(search.config, latency_tolerance=0.0)
+    assert sorted(p.trial for p in search.finish().front) == sorted(sizes)
+
+    # rounds that disagree by more than the tolerance are said, with what to do
+    search.config = dataclasses.replace(search.config, latency_tolerance=0.05)
+    spread["value"] = 1.2
+    result = search.finish()
+    assert result.retimed["spread"] == 1.2
+    assert any("rounds disagreed by up to 1.20x, more than the front's latency tolerance of 5%"
+               in n and "--retime-rounds" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_a_latency_tolerance_outside_0_to_1_is_refused_before_any_trial(capsys, tmp_path, value):
+    code = main(["search", str(PIPELINES / "tiny_search.py"), "--out", str(tmp_path / "run"),
+                 "--latency-tolerance", value])
+    assert code == 2
+    assert f"latency_tolerance must be a fraction in [0, 1), e.g. 0.05 for 5%, but got " \
+           f"{float(value)!r}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
