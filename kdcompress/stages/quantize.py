@@ -871,7 +871,8 @@ def slow_int8_reasons(fp32: OnnxModel, int8: OnnxModel, *,
 
 
 def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
-                      int8_latency: float, batch: int | None = None) -> str | None:
+                      int8_latency: float, batch: int | None = None,
+                      reasons: list[str] | None = None) -> str | None:
     """A warning when ``int8`` is not faster than its ``fp32`` parent, with the likely reasons.
 
     Parameters
@@ -882,6 +883,8 @@ def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
         Their latencies in seconds, measured the same way.
     batch : int, optional
         The batch size they were timed at, named in the message.
+    reasons : list of str, optional
+        :func:`slow_int8_reasons` for these graphs at ``fp32_latency``, when already computed.
 
     Returns
     -------
@@ -895,7 +898,8 @@ def explain_slow_int8(fp32: OnnxModel, int8: OnnxModel, *, fp32_latency: float,
     """
     if int8_latency < 0.95 * fp32_latency:
         return None
-    reasons = slow_int8_reasons(fp32, int8, fp32_latency=fp32_latency)
+    if reasons is None:
+        reasons = slow_int8_reasons(fp32, int8, fp32_latency=fp32_latency)
     why = "; ".join(reasons) if reasons else "no obvious cause: profile both graphs"
     ratio = int8_latency / fp32_latency
     at = "" if batch is None else f" at batch {batch}"
@@ -938,6 +942,6 @@ def _check_speed(fp32: OnnxModel, int8: OnnxModel, ctx: StageContext) -> None:
     if worst is None:
         return
     message = explain_slow_int8(fp32, int8, fp32_latency=timed[worst][0],
-                                int8_latency=timed[worst][1], batch=worst)
+                                int8_latency=timed[worst][1], batch=worst, reasons=reasons)
     if message:
         ctx.warn(message)
