@@ -11,7 +11,8 @@ Run by hand (the teacher is trained once and cached; every finished part is kept
    after decomposition and after the same distillation (``kdcompress.stages.distill``, default
    loss, ``--distill-epochs``), for each rank of ``--ranks`` and each layer set of ``--layers``
    (``linear``: the flagship's ``nn.Linear`` layers; ``all``: convolutions too);
-   ``--budget-method auto`` lets the budget pick TT or SVD per layer.
+   ``--budget-method auto`` lets the budget pick TT or SVD per layer; ``--distill-lr`` runs the
+   distillation at other learning rates too.
 2. Pruning at the same ratio: ``prune(allocation="uniform")`` against
    ``prune(allocation="sensitivity")`` with the same KD recovery (``--recovery-epochs``), for
    each seed of ``--seeds`` (the recovery's; the cut itself has no randomness).
@@ -22,6 +23,7 @@ Prints a markdown table (with the load average) and writes ``--work/budgets.json
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -85,7 +87,7 @@ class Results:
 
 def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
             distill_epochs: int, method: str = "tt", uniform_method: str = "tt",
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, distill_lr: float | None = None) -> dict[str, Any]:
     chosen = LAYER_SETS[layers]
     uniform = decompose_tt(teacher, rank=rank, layers=chosen, method=uniform_method)
     ctx = StageContext.standalone("budget", task)
@@ -100,7 +102,8 @@ def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
     if distill_epochs:
         for name, student in (("uniform", uniform), ("budget", budgeted)):
             torch.manual_seed(seed)
-            tuned = distill(student, teacher, epochs=distill_epochs,
+            lr = {} if distill_lr is None else {"lr": distill_lr}
+            tuned = distill(student, teacher, epochs=distill_epochs, **lr,
                             ctx=StageContext.standalone("student_kd", task, seed=seed))
             row[f"{name}_kd"] = _scores(tuned, task)
     return row
@@ -150,6 +153,9 @@ def main() -> None:
                         help="uniform TT ranks to compare (none: skip part 1)")
     parser.add_argument("--layers", nargs="+", choices=sorted(LAYER_SETS), default=["linear"])
     parser.add_argument("--distill-epochs", type=int, default=2)
+    parser.add_argument("--distill-lr", type=float, nargs="+", default=[None],
+                        help="learning rates of the distillation, each a part of its own "
+                             "(default: distill's own, 2e-3)")
     parser.add_argument("--budget-method", choices=["tt", "svd", "auto"], default="tt",
                         help="decompose_tt(budget=..., method=...): 'auto' picks TT or SVD per "
                              "layer")
@@ -179,11 +185,12 @@ def main() -> None:
             suffix = "" if args.budget_method == "tt" else f" {args.budget_method}"
             if args.uniform_method != "tt":
                 suffix += f" vs {args.uniform_method}"
-            for seed in args.seeds:
-                results.part(f"tt r{rank} {layers}{suffix}" + (f" s{seed}" if seed else ""),
-                             lambda r=rank, lay=layers, s=seed: tt_part(
+            for lr, seed in itertools.product(args.distill_lr, args.seeds):
+                results.part(f"tt r{rank} {layers}{suffix}" + (f" s{seed}" if seed else "")
+                             + ("" if lr is None else f" lr{lr:g}"),
+                             lambda r=rank, lay=layers, s=seed, lr=lr: tt_part(
                                  teacher, task, r, lay, args.distill_epochs, args.budget_method,
-                                 args.uniform_method, s))
+                                 args.uniform_method, s, lr))
     for ratio in args.prune_ratios:
         for seed in args.seeds:
             results.part(f"prune {ratio}" + (f" s{seed}" if seed else ""),
