@@ -128,7 +128,8 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
                         "the baseline (default 1.0)")
     search.add_argument("--objectives", default="size,latency",
                         help="what to minimise, comma-separated: size, latency (batch 64), "
-                        "latency_b1 (batch 1); default size,latency")
+                        "latency_b1 (batch 1), accuracy (validation points lost); default "
+                        "size,latency")
     search.add_argument("--target", metavar="STAGE",
                         help="the stage optimised (default the pipeline's final stage)")
     search.add_argument("--sampler", default="tpe", help="tpe (default) or nsga2")

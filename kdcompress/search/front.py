@@ -35,7 +35,8 @@ __all__ = ["TrialSummary", "FrontPoint", "SearchResult", "pareto", "load_front",
 
 FRONTIER_JSON, FRONTIER_MD, FRONTIER_PNG = "frontier.json", "frontier.md", "frontier.png"
 #: How each objective is shown.
-UNITS = {"size": "bytes", "latency": "ms", "latency_b1": "ms"}
+UNITS = {"size": "bytes", "latency": "ms", "latency_b1": "ms",
+         "accuracy": "validation points below the baseline"}
 
 
 @dataclass
@@ -144,7 +145,8 @@ class SearchResult:
         The pipeline, its data, the stage optimised and the stage it is compared with.
     objectives : tuple of str
         What is minimised (``"size"``: bytes on disk, ``"latency"``: ms at batch 64, median,
-        ``"latency_b1"``: ms at batch 1, median).
+        ``"latency_b1"``: ms at batch 1, median, ``"accuracy"``: validation points below the
+        baseline).
     max_drop : float
         The budget: validation accuracy points the target may lose against the baseline.
     trials : list of TrialSummary
@@ -277,6 +279,8 @@ def _objective_text(name: str, value: float | None) -> str:
         return "-"
     if name == "size":
         return format_bytes(int(value))
+    if name == "accuracy":
+        return f"{value:+.2f}"
     return f"{value:.3f} ms" if name.startswith("latency") else f"{value:.4g}"
 
 

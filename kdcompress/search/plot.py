@@ -26,7 +26,9 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
     baseline = next((t.get("baseline_objectives") for t in doc["trials"]
                      if t.get("baseline_objectives")), None)
     panels = ([(objectives[0], objectives[1])] if len(objectives) >= 2 else []) + [
-        (o, "drop") for o in objectives]
+        (o, "drop") for o in objectives if o != "accuracy"]  # accuracy is the drop itself
+    if not panels:
+        panels = [("accuracy", "drop")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
 
     def value(t: Mapping[str, Any], key: str) -> float:
@@ -38,7 +40,8 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
     def label(key: str) -> str:
         return {"size": "size on disk (KiB)", "latency": "latency, batch 64 p50 (ms)",
                 "latency_b1": "latency, batch 1 p50 (ms)",
-                "drop": "validation points lost"}.get(key, key)
+                "drop": "validation points lost",
+                "accuracy": "validation points lost"}.get(key, key)
 
     for ax, (xkey, ykey) in zip(axes[0], panels, strict=True):
         ok = [t for t in done if t["feasible"]]
@@ -66,11 +69,11 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
             ax.scatter([value({"objectives": baseline}, xkey)],
                        [value({"objectives": baseline}, ykey)], s=110, marker="*",
                        color="tab:green", zorder=4, label=f"baseline '{doc['baseline']}'")
-        if ykey == "drop":
+        if ykey in ("drop", "accuracy"):
             ax.axhline(doc["max_drop"], color="tab:orange", ls="--", lw=1,
                        label=f"budget {doc['max_drop']:g} points")
         for axis, key in ((ax.xaxis, xkey), (ax.yaxis, ykey)):
-            if key != "drop":
+            if key not in ("drop", "accuracy"):
                 shown = [value(t, key) for t in done]
                 if baseline is not None and ykey != "drop":
                     shown.append(value({"objectives": baseline}, key))

@@ -13,7 +13,7 @@ What a trial is:
   (:class:`~kdcompress.fingerprint_store.FingerprintStore`), so a stage whose inputs and constants a
   previous trial already had is loaded, not run: the teacher trains once.
 - The objectives (``size``: bytes on disk, ``latency``: median ms at the largest batch timed,
-  ``latency_b1``: median ms at batch 1) are
+  ``latency_b1``: median ms at batch 1, ``accuracy``: validation points below the baseline) are
   those of the target stage (the pipeline's final stage unless ``target=``); the constraint is
   on validation accuracy: at most ``max_drop`` points below the baseline stage. Trials read the
   validation split only (``RunOptions(read_test=False)``); the test split is read once the
@@ -84,7 +84,8 @@ __all__ = ["Search", "SearchConfig", "OBJECTIVES", "SAMPLERS", "PRUNERS", "PRUNE
 #: What can be minimised, measured on the target stage.
 OBJECTIVES = {"size": "size on disk (bytes)",
               "latency": "latency at the largest batch timed (batch 64), median (ms)",
-              "latency_b1": "latency at batch 1, median (ms)"}
+              "latency_b1": "latency at batch 1, median (ms)",
+              "accuracy": "validation points below the baseline (the drop, minimised)"}
 SAMPLERS = ("tpe", "nsga2")
 PRUNERS = ("budget", "none")
 #: Trials within the budget that must have recorded a stage's epoch before the budget pruner
@@ -106,7 +107,10 @@ class SearchConfig:
     ----------
     objectives : tuple of str
         Minimised on the target stage: ``"size"`` (bytes on disk), ``"latency"`` (median ms at
-        the largest batch timed), ``"latency_b1"`` (median ms at batch 1). Any of them.
+        the largest batch timed), ``"latency_b1"`` (median ms at batch 1), ``"accuracy"``
+        (validation points of the pipeline's metric below the baseline: with it the front keeps
+        the most accurate trials within the budget too, not only the smallest and fastest).
+        Any of them.
     max_drop : float
         The budget: the target's validation accuracy may be at most this many points (percent)
         below the baseline's.
@@ -792,7 +796,7 @@ class Search:
             return self._end(trial, observer, started, optuna.trial.TrialState.FAIL,
                              f"'{self.target}' or '{self.baseline}' was not measured")
         drop = round(100 * (base.val_score - row.val_score), 6)
-        objectives = _objectives(row, self.config.objectives)
+        objectives = _objectives(row, self.config.objectives, drop)
         missing = [o for o in self.config.objectives if o not in objectives]
         if missing:  # _check_timed refused these settings; a stage may still not be timed
             return self._end(trial, observer, started, optuna.trial.TrialState.FAIL,
@@ -802,7 +806,8 @@ class Search:
                            ("baseline_val_accuracy", base.val_score), ("drop", drop),
                            ("metric", report.metric),
                            ("objectives", objectives),
-                           ("baseline_objectives", _objectives(base, self.config.objectives))):
+                           ("baseline_objectives",
+                            _objectives(base, self.config.objectives, 0.0))):
             trial.set_user_attr(key, value)
         self._constrain(trial, drop - self.config.max_drop)
         return self._end(trial, observer, started, optuna.trial.TrialState.COMPLETE, "",
@@ -1045,10 +1050,10 @@ def _load_average() -> float | None:
         return None
 
 
-def _objectives(row: Any, names: tuple[str, ...]) -> dict[str, float]:
+def _objectives(row: Any, names: tuple[str, ...], drop: float) -> dict[str, float]:
     latency = row.batch_latency() or {}
     values = {"size": float(row.size_bytes), "latency": latency.get("p50"),
-              "latency_b1": row.latency_ms.get("batch_1", {}).get("p50")}
+              "latency_b1": row.latency_ms.get("batch_1", {}).get("p50"), "accuracy": drop}
     return {n: float(values[n]) for n in names if values[n] is not None}
 
 
@@ -1056,6 +1061,7 @@ def _objectives_text(objectives: Mapping[str, float]) -> str:
     from kdcompress.report import format_bytes
 
     return ", ".join(format_bytes(int(v)) if k == "size"
+                     else f"{v:+.2f} validation points" if k == "accuracy"
                      else f"{v:.3f} ms {'batch 1' if k == 'latency_b1' else k}"
                      for k, v in objectives.items())
 

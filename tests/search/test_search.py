@@ -570,3 +570,37 @@ def test_a_latency_tolerance_outside_0_to_1_is_refused_before_any_trial(capsys, 
     assert f"latency_tolerance must be a fraction in [0, 1), e.g. 0.05 for 5%, but got " \
            f"{float(value)!r}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_accuracy_as_an_objective_keeps_the_most_accurate_trial_on_the_front(tmp_path,
+                                                                             fast_measure):
+    run = tmp_path / "run"
+    search = Search(load_pipeline(PIPELINES / "tiny_search.py"),
+                    SearchConfig(objectives=("accuracy", "size"), max_drop=100.0, screen=False),
+                    RunOptions(out=run, measure=fast_measure))
+    for rank, epochs in ((1, 1), (4, 2)):  # after the default (rank 2, one epoch)
+        search.study.enqueue_trial({"student.rank": rank, "tuned.epochs": epochs,
+                                    "tuned.lr": 0.003})
+    trials = search.optimize(trials=3)
+    assert [t.state for t in trials] == ["complete"] * 3
+    result = search.finish()
+    # the objective is the validation drop against the baseline, as the study was told it
+    for t in search.study.trials:
+        assert t.values[0] == pytest.approx(t.user_attrs["drop"])
+        assert t.values[1] == t.user_attrs["objectives"]["size"]
+    drops = {t.number: t.drop for t in result.trials}
+    sizes = {t.number: t.objectives["size"] for t in result.trials}
+    most_accurate = min(drops, key=lambda n: (drops[n], sizes[n]))
+    smallest = min(sizes, key=lambda n: (sizes[n], drops[n]))
+    front = {p.trial for p in result.front}
+    assert {most_accurate, smallest} <= front
+    expected = {n for n in drops if not any(
+        drops[m] <= drops[n] and sizes[m] <= sizes[n] and (drops[m], sizes[m]) != (drops[n],
+                                                                                  sizes[n])
+        for m in drops)}
+    assert front == expected
+    assert result.best["accuracy"] == most_accurate
+    assert (run / "search" / "best-accuracy.py").is_file()
+    assert (run / "search" / "frontier.png").stat().st_size > 0
+    md = (run / "search" / "frontier.md").read_text()
+    assert "accuracy (validation points below the baseline)" in md
