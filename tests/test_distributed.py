@@ -25,11 +25,12 @@ def test_outside_torchrun_everything_is_single_process():
     assert distributed.wrap(model, torch.device("cpu")) is model
 
 
-def _torchrun(pipeline: Path, out: Path, port: int) -> subprocess.CompletedProcess:
+def _torchrun(pipeline: Path, out: Path) -> subprocess.CompletedProcess:
+    # --standalone: a rendezvous on a free local port, so runs never collide on a fixed one
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(port), "-m", "kdcompress", "run", str(pipeline), "--out", str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "kdcompress", "run", str(pipeline), "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -43,7 +44,7 @@ def _failure(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_torchrun_two_processes_train_data_parallel(tmp_path):
     out = tmp_path / "run"
-    proc = _torchrun(PIPELINES / "tiny.py", out, 29517)
+    proc = _torchrun(PIPELINES / "tiny.py", out)
     assert proc.returncode == 0, _failure(proc)
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
@@ -61,7 +62,7 @@ def test_torchrun_two_processes_train_data_parallel(tmp_path):
 def test_torchrun_distill_with_adapters_matches_across_processes(tmp_path):
     """distill runs data-parallel too; its feature adapter's gradients are averaged."""
     out = tmp_path / "run"
-    proc = _torchrun(PIPELINES / "tiny_distill.py", out, 29518)
+    proc = _torchrun(PIPELINES / "tiny_distill.py", out)
     assert proc.returncode == 0, _failure(proc)
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
