@@ -76,7 +76,7 @@ __all__ = ["quantize_onnx", "Int8Graphs", "keep_fp32", "QuantizerLog", "explain_
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("static", "dynamic", "auto")
+QUANTIZE_MODES = ("static", "dynamic", "auto", "none")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 GRAPH_FILE = "model.onnx"
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -114,8 +114,12 @@ def quantize_onnx(
     ----------
     model : OnnxModel
         The fp32 graph (the output of ``export_onnx``); it is read, never changed.
-    mode : {"static", "dynamic", "auto"}
+    mode : {"static", "dynamic", "auto", "none"}
         See the module docstring; ``auto`` picks ``static`` when the graph has convolutions.
+        ``none`` quantizes nothing: the result is a copy of ``model``, so that a search
+        parameter (``mode=ks.choice(["static", "none"])``) can weigh int8 against the fp32
+        graph on measured latency and accuracy. The other settings are then unused, and
+        ``max_drop`` is met by construction.
     calibration : {"minmax", "entropy", "percentile"}
         How ``static`` mode turns observed activations into int8 ranges.
     samples : int
@@ -180,6 +184,8 @@ def quantize_onnx(
     fp32_names = {node.name for node in parent.node}
     del parent  # its weights need not stay in memory while quantizing
     ctx = resolve_context(ctx, "quantize_onnx", data)
+    if mode == "none":
+        return _unquantized(model, ctx)
     if max_drop is not None:
         _validation(ctx.data, max_drop)  # no validation split: fail before quantizing
     np.random.seed(ctx.seed)
@@ -237,6 +243,19 @@ def quantize_onnx(
 
 # ----------------------------------------------------------------------------------------------
 # steps
+
+
+def _unquantized(model: OnnxModel, ctx: StageContext) -> OnnxModel:
+    """``mode="none"``: a copy of the parent graph in the stage's work folder."""
+    workdir = Path(ctx.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = model.copy_to(workdir, GRAPH_FILE)
+    ctx.record("mode", "none")
+    ctx.record("format", "fp32 (mode='none': the parent graph, not quantized)")
+    counts = quantized_nodes(result)
+    ctx.record("quantized_nodes", counts["quantized"])
+    ctx.record("fp32_compute_nodes", counts["fp32"])
+    return result
 
 
 def _check_model(model: Any) -> None:

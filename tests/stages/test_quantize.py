@@ -100,8 +100,8 @@ def test_dynamic_leaves_convolutions_fp32_and_says_so(cnn_fp32, task):
 
 
 BAD_SETTINGS = [
-    ({"mode": "int4"}, "mode must be one of 'static', 'dynamic', 'auto', but got 'int4'."),
-    ({"mode": "statc"}, "mode must be one of 'static', 'dynamic', 'auto', but got 'statc'. "
+    ({"mode": "int4"}, "mode must be one of 'static', 'dynamic', 'auto', 'none', but got 'int4'."),
+    ({"mode": "statc"}, "mode must be one of 'static', 'dynamic', 'auto', 'none', but got 'statc'. "
                         "Did you mean 'static'?"),
     ({"calibration": "entropi"}, "calibration must be one of 'minmax', 'entropy', 'percentile', "
                                  "but got 'entropi'. Did you mean 'entropy'?"),
@@ -233,6 +233,32 @@ def test_input_graph_is_not_changed(cnn_fp32, task):
     assert cnn_fp32.path.read_bytes() == before
     x = task.example(3)
     assert cnn_fp32.predict(x).shape == torch.Size([3, 10])
+
+
+def test_mode_none_keeps_the_parent_graph_so_a_search_can_weigh_int8_against_fp32(
+        cnn_fp32, task, tmp_path):
+    ctx = StageContext.standalone("int8", task)
+    ctx.workdir = tmp_path / "int8"
+    # max_drop is met by construction: nothing is quantized, nothing is scored
+    kept = quantize_onnx(cnn_fp32, mode="none", max_drop=0.0, ctx=ctx)
+    assert kept.path != cnn_fp32.path and kept.path.parent == tmp_path / "int8"
+    assert kept.path.read_bytes() == cnn_fp32.path.read_bytes()
+    x = task.example(16)
+    assert torch.equal(kept.predict(x), cnn_fp32.predict(x))
+    assert quantized_nodes(kept)["quantized"] == {} and quantized_nodes(kept)["fp32"]
+    assert ctx.details["mode"] == "none" and ctx.details["quantized_nodes"] == {}
+    assert not ctx.warnings  # not "no node was quantized": none was asked for
+
+
+def test_mode_none_is_a_search_choice_beside_static():
+    from kdcompress import search as ks
+
+    pipeline = Pipeline("p", data=data.digits())
+    teacher = pipeline.stage(train, out="teacher", model=models.mlp(hidden=(8,)), epochs=1)
+    fp32 = pipeline.stage(export_onnx, out="fp32", model=teacher)
+    pipeline.stage(quantize_onnx, out="int8", model=fp32,
+                   mode=ks.choice(["static", "none"], default="static"), max_drop=0.5)
+    assert pipeline.concrete({"int8.mode": "none"}).stages["int8"].constants["mode"] == "none"
 
 
 # ----------------------------------------------------------------------------------------------
