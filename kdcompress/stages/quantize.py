@@ -177,6 +177,8 @@ def quantize_onnx(
                                     "per_channel": per_channel, "max_drop": max_drop,
                                     "reduce_range": reduce_range, "compact": compact})
     _check_model(model)
+    if mode == "none":  # nothing to quantize: the parent graph need not be read
+        return _unquantized(model, resolve_context(ctx, "quantize_onnx", data))
     parent = _load_graph(model.path)  # read once: control flow, op types, compute node names
     if compact:  # refuse before quantizing, not after
         refuse_control_flow(parent, model.path)
@@ -184,8 +186,6 @@ def quantize_onnx(
     fp32_names = {node.name for node in parent.node}
     del parent  # its weights need not stay in memory while quantizing
     ctx = resolve_context(ctx, "quantize_onnx", data)
-    if mode == "none":
-        return _unquantized(model, ctx)
     if max_drop is not None:
         _validation(ctx.data, max_drop)  # no validation split: fail before quantizing
     np.random.seed(ctx.seed)
@@ -227,9 +227,7 @@ def quantize_onnx(
     if compact:
         ctx.record("compact", compact_graph(path, keep_names=fp32_names))
     result = OnnxModel(path)
-    counts = quantized_nodes(result)
-    ctx.record("quantized_nodes", counts["quantized"])
-    ctx.record("fp32_compute_nodes", counts["fp32"])
+    counts = _record_nodes(result, ctx)
     if not counts["quantized"] and not everything_reverted:
         ctx.warn(f"no node was quantized ({mode} mode quantizes "
                  f"{'Conv/MatMul/Gemm' if mode == 'static' else 'MatMul/Gemm'}; the graph has "
@@ -252,10 +250,16 @@ def _unquantized(model: OnnxModel, ctx: StageContext) -> OnnxModel:
     result = model.copy_to(workdir, GRAPH_FILE)
     ctx.record("mode", "none")
     ctx.record("format", "fp32 (mode='none': the parent graph, not quantized)")
+    _record_nodes(result, ctx)
+    return result
+
+
+def _record_nodes(result: OnnxModel, ctx: StageContext) -> dict[str, dict[str, int]]:
+    """Record the result's int8 and fp32 compute nodes (:func:`quantized_nodes`); return them."""
     counts = quantized_nodes(result)
     ctx.record("quantized_nodes", counts["quantized"])
     ctx.record("fp32_compute_nodes", counts["fp32"])
-    return result
+    return counts
 
 
 def _check_model(model: Any) -> None:
