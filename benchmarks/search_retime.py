@@ -69,6 +69,9 @@ def main() -> None:
               and t.search_objectives is not None]
     own_front = {within[i].number for i in pareto([t.search_objectives for t in within],
                                                   OBJECTIVES, tolerance=args.tolerance)}
+    # each re-timing's trials by number, in the order of ``within``
+    numbered = [{u.number: u for u in r.trials} for r in results]
+    retimed = [[trials[t.number] for t in within] for trials in numbered]
     print(f"## The front on one ruler: {len(first.trials)} trials of the digits search\n")
     print(f"`python benchmarks/search_retime.py --trials {args.trials} --repeats {args.repeats} "
           f"--rounds {args.rounds}`: trials {trial_minutes:.1f} min (this run); load average "
@@ -76,11 +79,10 @@ def main() -> None:
     print("| trial | values | size | b1 ms: own | b1 ms: re-timed (spread) | b64 ms: own | "
           "b64 ms: re-timed (spread) | front: own | front: re-timed |")
     print("|---|---|---:|---:|---:|---:|---:|---|---|")
-    for t in within:
+    for i, t in enumerate(within):
         cells = []
         for key in ("latency_b1", "latency"):
-            again = [next(u for u in r.trials if u.number == t.number).objectives[key]
-                     for r in results]
+            again = [timed[i].objectives[key] for timed in retimed]
             cells += [f"{t.search_objectives[key]:.3f}",
                       f"{statistics.median(again):.3f} ({max(again) / min(again):.2f}x)"]
         fronts = sum(t.number in {p.trial for p in r.front} for r in results)
@@ -96,11 +98,8 @@ def main() -> None:
     print(f"- on the trials' own timings: front {sorted(own_front)}")
     print()
     for tolerance in (0.0, args.tolerance):
-        fronts = []
-        for r in results:
-            timed = [next(u for u in r.trials if u.number == t.number) for t in within]
-            fronts.append(tuple(sorted(timed[i].number for i in pareto(
-                [u.objectives for u in timed], OBJECTIVES, tolerance=tolerance))))
+        fronts = [tuple(sorted(timed[j].number for j in pareto(
+            [u.objectives for u in timed], OBJECTIVES, tolerance=tolerance))) for timed in retimed]
         print(f"- latency tolerance {tolerance:.0%}: {len(set(fronts))} different front(s) over "
               f"{len(fronts)} re-timings: " + "; ".join(str(list(f)) for f in fronts))
 
