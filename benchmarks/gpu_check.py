@@ -44,18 +44,25 @@ from kdcompress.stages import decompose_tt, distill, export_onnx, prune, quantiz
 from kdcompress.training import FitConfig, make_optimizer, predict_logits
 
 
-def flagship(task: data.Task, scale: float) -> Pipeline:
-    """pipelines/tt_distill_quant.py on ``task``, epochs multiplied by ``scale`` (at least 1)."""
+def flagship(task: data.Task, scale: float, batch_size: int | None = None,
+             precision: str = "auto") -> Pipeline:
+    """pipelines/tt_distill_quant.py on ``task``, epochs multiplied by ``scale`` (at least 1).
+
+    ``batch_size``/``precision`` go to every training stage (None/"auto": the device's choice;
+    64/"fp32" are the CPU run's settings).
+    """
     def e(n: int) -> int:
         return max(1, round(n * scale))
 
     p = Pipeline("tt_distill_quant", data=task, seed=0)
-    teacher = p.stage(train, out="teacher", model=models.cnn(width=64), epochs=e(20))
+    teacher = p.stage(train, out="teacher", model=models.cnn(width=64), epochs=e(20),
+                      batch_size=batch_size, precision=precision)
     student = p.stage(decompose_tt, out="student", model=teacher, rank=8)
     student_kd = p.stage(distill, out="student_kd", student=student, teacher=teacher,
-                         loss=KD(temperature=4) * 0.9 + CE() * 0.1, epochs=e(15))
+                         loss=KD(temperature=4) * 0.9 + CE() * 0.1, epochs=e(15),
+                         batch_size=batch_size, precision=precision)
     pruned = p.stage(prune, out="pruned", model=student_kd, ratio=0.3, round_to=8,
-                     teacher=teacher, recovery_epochs=e(5))
+                     teacher=teacher, recovery_epochs=e(5), recovery_batch_size=batch_size)
     fp32 = p.stage(export_onnx, out="fp32", model=pruned, tt_export="auto")
     p.stage(quantize_onnx, out="int8", model=fp32, mode="static")
     return p
@@ -117,6 +124,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu_check"))
     parser.add_argument("--smoke", action="store_true",
                         help="one epoch per stage on digits: checks the script, not the GPU")
+    parser.add_argument("--flagship-only", action="store_true",
+                        help="skip the throughput loops and the form timings")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="the flagship's training batch (default: the device's choice)")
+    parser.add_argument("--precision", default="auto",
+                        help="the flagship's training precision (auto, fp32, bf16, fp16)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -141,10 +154,91 @@ def main() -> int:
     emit(f"# GPU check on {name}", "", f"torch {torch.__version__}, data {task.name} "
          f"({len(task.split('train'))} training images)", "")
 
-    # 1. throughput, side by side: the batch the train stage picks for this device, and 64
+    if not args.flagship_only:
+        throughput(task, device, 1 if args.smoke else 2, figures, emit)
+
+    # 2. the flagship end to end on the device
+    start = time.perf_counter()
+    report = run(flagship(task, 0.05 if args.smoke else 1.0, args.batch_size, args.precision),
+                 RunOptions(out=args.out / "flagship", device=str(device), fresh=True,
+                            plot=False))
+    wall = time.perf_counter() - start
+    figures["flagship_seconds"] = wall
+    figures["flagship_settings"] = {"batch_size": args.batch_size, "precision": args.precision}
+    figures["stage_seconds"] = {r.name: r.seconds for r in report.stages}
+    figures["accuracy"] = {r.name: {"val": r.val_accuracy, "test": r.accuracy}
+                           for r in report.stages}
+    lines = ["## Flagship end to end", "", f"{wall:.1f} s on {device} (bar < 60 s on full "
+             f"MNIST); training batch {args.batch_size or 'chosen for the device'}, precision "
+             f"{args.precision}", "",
+             "| stage | s | val | test | CPU b64 ms | CUDA b1 ms | CUDA b64 ms | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report.stages:
+        cuda = r.latency_ms_cuda or {}
+        note = r.timing.get("cuda", "")
+        lines.append(f"| {r.name} | {r.seconds:.1f} | {r.val_accuracy} | {r.accuracy} | "
+                     f"{r.latency_ms['batch_64']['p50']} | "
+                     f"{cuda.get('batch_1', {}).get('p50', '')} | "
+                     f"{cuda.get('batch_64', {}).get('p50', '')} | {note} |")
+    fp32 = report.row("fp32")
+    lines += ["", f"export: tt_export {fp32.details.get('tt_export')!r}, timed on "
+              f"{fp32.details.get('tt_export_timed_on')}, layers made dense: "
+              f"{fp32.details.get('materialised_tt_layers')}", ""]
+    for r in report.stages:
+        if r.details.get("batch"):
+            lines.append(f"- {r.name}: batch {r.details['batch']}, precision "
+                         f"{r.details.get('precision')}, warm-up {r.details.get('lr_warmup')}")
+    emit(*lines)
+    stages = args.out / "flagship" / "stages"
+    onnx_on_device(task, stages, device, figures, emit)
+    if args.flagship_only:
+        return 0
+    forms_and_parity(task, stages, report, device, figures, emit)
+    return 0
+
+
+def onnx_on_device(task: data.Task, stages: Path, device: torch.device, figures: dict,
+                   emit) -> None:
+    """The exported graphs' test predictions in ONNX Runtime on CUDA against the CPU's."""
+    if device.type != "cuda":
+        return
+    import numpy as np
+
+    from kdcompress.artifacts import OnnxModel
+    from kdcompress.metrics import onnx_bound_call, onnx_cuda_missing
+
+    lines = ["## ONNX graphs on the GPU (ONNX Runtime's CUDA provider) against the CPU", ""]
+    x, y = task.arrays("test")
+    for name in ("fp32", "int8"):
+        graph = OnnxModel(next((stages / name).glob("*.onnx")))
+        missing = onnx_cuda_missing(graph)
+        if missing:
+            lines.append(f"- {name}: {missing}")
+            continue
+        session = graph.session("cuda")
+        cpu, dev = [], []
+        for i in range(0, len(x), 1000):
+            chunk = x[i:i + 1000].numpy().astype(np.float32)
+            cpu.append(graph.predict(chunk))
+            dev.append(torch.from_numpy(
+                onnx_bound_call(session, chunk, "cuda")().copy_outputs_to_cpu()[0]))
+        cpu_l, dev_l = torch.cat(cpu), torch.cat(dev)
+        agree = float((cpu_l.argmax(1) == dev_l.argmax(1)).float().mean())
+        acc = float((dev_l.argmax(1) == y).float().mean())
+        figures.setdefault("onnx_cuda", {})[name] = {
+            "agreement": agree, "max_logit_diff": float((cpu_l - dev_l).abs().max()),
+            "test_accuracy_cuda": acc, "providers": session.get_providers()}
+        lines.append(f"- {name}: providers {session.get_providers()}; argmax agreement "
+                     f"{agree:.4f}, largest logit difference "
+                     f"{float((cpu_l - dev_l).abs().max()):.2e}, test accuracy on CUDA {acc:.4f}")
+    emit(*lines, "")
+
+
+def throughput(task: data.Task, device: torch.device, epochs: int, figures: dict, emit) -> None:
+    """Section 1: ``train`` against the plain loop, side by side."""
+    # throughput, side by side: the batch the train stage picks for this device, and 64
     choice = auto_batch(None, 2e-3, samples=len(task.split("train")), device=device,
                         optimizer="adamw")
-    epochs = 1 if args.smoke else 2
     fp16 = torch.float16 if device.type == "cuda" else None
     plain_loop(task, device, choice.batch_size, choice.lr, 1, fp16)  # warm-ups (cuDNN, imports)
     stage_throughput(task, device, choice.batch_size, choice.lr, 1)
@@ -167,36 +261,15 @@ def main() -> int:
          "validation included (samples/s) | ratio (bar >= 0.80) |", "|---:|---|---:|---:|---:|",
          *rows, "")
 
-    # 2. the flagship end to end on the device
-    start = time.perf_counter()
-    report = run(flagship(task, 0.05 if args.smoke else 1.0),
-                 RunOptions(out=args.out / "flagship", device=str(device), fresh=True,
-                            plot=False))
-    wall = time.perf_counter() - start
-    figures["flagship_seconds"] = wall
-    figures["stage_seconds"] = {r.name: r.seconds for r in report.stages}
-    lines = ["## Flagship end to end", "", f"{wall:.1f} s on {device} (bar < 60 s on full "
-             "MNIST)", "", "| stage | s | val | test | CPU b64 ms | CUDA b1 ms | CUDA b64 ms | "
-             "note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in report.stages:
-        cuda = r.latency_ms_cuda or {}
-        note = r.timing.get("cuda", "")
-        lines.append(f"| {r.name} | {r.seconds:.1f} | {r.val_accuracy} | {r.accuracy} | "
-                     f"{r.latency_ms['batch_64']['p50']} | "
-                     f"{cuda.get('batch_1', {}).get('p50', '')} | "
-                     f"{cuda.get('batch_64', {}).get('p50', '')} | {note} |")
-    fp32 = report.row("fp32")
-    lines += ["", f"export: tt_export {fp32.details.get('tt_export')!r}, timed on "
-              f"{fp32.details.get('tt_export_timed_on')}, layers made dense: "
-              f"{fp32.details.get('materialised_tt_layers')}"]
-    emit(*lines)
 
+def forms_and_parity(task: data.Task, stages: Path, report, device: torch.device,
+                     figures: dict, emit) -> None:
+    """Sections 3 and 4: the student's forms against the teacher; CUDA/CPU teacher parity."""
     # 3. the exported student's form against the teacher, in PyTorch on the device
     from kdcompress.artifacts import load_module
     from kdcompress.layers import materialize
     from kdcompress.metrics import time_calls
 
-    stages = args.out / "flagship" / "stages"
     teacher_model = load_module(stages / "teacher").to(device).eval()
     pruned = load_module(stages / "pruned").eval()
     example = task.example(64).float()
@@ -251,7 +324,6 @@ def main() -> int:
          f"argmax agreement {agree:.4f}, largest logit difference "
          f"{float((cpu - dev).abs().max()):.2e}; teacher test accuracy {teacher.accuracy} as the "
          f"run scored it on {device}, {cpu_accuracy:.6f} on the CPU")
-    return 0
 
 
 if __name__ == "__main__":

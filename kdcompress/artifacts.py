@@ -764,8 +764,15 @@ class OnnxModel:
                     raise ArtifactError("ONNX Runtime has no CUDA provider here: install "
                                         "onnxruntime-gpu or measure on cpu")
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            self._sessions[key] = ort.InferenceSession(str(self.path), options,
-                                                       providers=providers)
+            session = ort.InferenceSession(str(self.path), options, providers=providers)
+            if session.get_providers()[0] != providers[0]:
+                # ONNX Runtime falls back to the CPU with a warning when a provider's libraries
+                # do not load: a latency timed so would be the CPU's under a CUDA label
+                raise ArtifactError(
+                    f"ONNX Runtime's {providers[0]} did not load for {self.path.name} (the "
+                    f"session runs on {session.get_providers()[0]}): check that the CUDA and "
+                    "cuDNN libraries onnxruntime-gpu needs are installed, or measure on cpu")
+            self._sessions[key] = session
         return self._sessions[key]
 
     @property

@@ -21,6 +21,7 @@ from torch import nn
 
 from kdcompress.artifacts import RECIPE_FILE, WEIGHTS_FILE, OnnxModel, num_params
 from kdcompress.data import Task
+from kdcompress.errors import ArtifactError
 from kdcompress.scoring import Metric, MetricLike
 from kdcompress.training import predict_logits
 
@@ -165,6 +166,10 @@ def _calls(model: nn.Module | OnnxModel, x: torch.Tensor, config: MeasureConfig,
     """One zero-argument inference call per batch size, with the thread count set while open."""
     if isinstance(model, OnnxModel):
         session = model.session(device, config.threads)
+        if device.startswith("cuda"):  # input and output stay on the GPU, as torch's do
+            yield {f"batch_{b}": onnx_bound_call(session, _batch(x, b).numpy(), "cuda")
+                   for b in config.batch_sizes}, lambda: None
+            return
         name = session.get_inputs()[0].name
         feeds = {f"batch_{b}": {name: _batch(x, b).numpy()} for b in config.batch_sizes}
         yield ({k: (lambda feed=feed: session.run(None, feed)) for k, feed in feeds.items()},
@@ -375,7 +380,7 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
         row["faster_by"] = {k: round(base[k]["p50"] / v["p50"], 3) if v["p50"] > 0 else None
                             for k, v in row["latency_ms"].items()}
     if config.cuda:
-        missing = onnx_cuda_missing() if onnx else None
+        missing = onnx_cuda_missing(model) if onnx else None
         if missing is None:
             row["latency_ms_cuda"] = latency(model, x, config, device="cuda")
         else:  # the report says, in one line, why this ONNX stage has no CUDA latency
@@ -383,11 +388,42 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
     return row
 
 
-def onnx_cuda_missing() -> str | None:
-    """Why ONNX Runtime cannot time a graph on CUDA here, or None when it can."""
+def onnx_cuda_missing(model: OnnxModel | None = None) -> str | None:
+    """Why ONNX Runtime cannot time a graph on CUDA here, or None when it can.
+
+    With ``model``, a CUDA session is opened for it, so a provider that is installed but whose
+    libraries do not load (ONNX Runtime would fall back to the CPU) is reported too.
+    """
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return None
-    return (f"no CUDA latency for this ONNX graph: onnxruntime {ort.__version__} has no "
-            "CUDAExecutionProvider (install onnxruntime-gpu to measure it)")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return (f"no CUDA latency for this ONNX graph: onnxruntime {ort.__version__} has no "
+                "CUDAExecutionProvider (install onnxruntime-gpu to measure it)")
+    if model is not None:
+        try:
+            model.session("cuda")
+        except ArtifactError as e:
+            return f"no CUDA latency for this ONNX graph: {e}"
+    return None
+
+
+def onnx_bound_call(session: Any, array: np.ndarray, device: str) -> Callable[[], Any]:
+    """One inference of ``session`` on ``array`` with its input and outputs bound to ``device``.
+
+    On ``"cuda"`` the input is copied to the GPU once, here, and the outputs stay there, so a
+    timed call is the graph's own work, as a torch model's call on a GPU tensor is; a plain
+    ``session.run`` would add a host-to-device and a device-to-host copy to every call.
+    """
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    value = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+    binding.bind_ortvalue_input(session.get_inputs()[0].name, value)
+    for out in session.get_outputs():
+        binding.bind_output(out.name, device)
+
+    def call() -> Any:
+        session.run_with_iobinding(binding)
+        return binding
+
+    return call

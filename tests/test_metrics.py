@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -109,6 +110,45 @@ def test_onnx_stage_without_a_cuda_provider_says_why(cnn_onnx, digits_task, fast
     report = Report("p")
     report.add(StageRow(name="int8", function="quantize_onnx", inputs=[], format="onnx", **row))
     assert row["timing"]["cuda"] in report.row("int8").flags
+
+
+def test_a_cuda_provider_that_does_not_load_is_named_not_timed_as_the_cpu(
+        cnn_onnx, digits_task, fast_measure, monkeypatch):
+    """onnxruntime-gpu lists its CUDA provider even where the CUDA libraries do not load, and
+    then runs the session on the CPU with only a warning: that must not become a CUDA latency."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from kdcompress.artifacts import OnnxModel
+    from kdcompress.errors import ArtifactError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    real = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    fresh = OnnxModel(cnn_onnx.path)  # no session cached yet
+    with pytest.raises(ArtifactError, match="CUDAExecutionProvider did not load.*runs on "
+                                            "CPUExecutionProvider"):
+        fresh.session("cuda")
+    row = measure(OnnxModel(cnn_onnx.path), digits_task,
+                  config=dataclasses.replace(fast_measure, cuda=True))
+    assert "latency_ms_cuda" not in row
+    assert "did not load" in row["timing"]["cuda"]
+
+
+def test_an_io_bound_onnx_call_gives_the_plain_run_s_outputs(cnn_onnx, digits_task):
+    """The call timed on CUDA (input and outputs bound to the device) computes what
+    ``session.run`` does; checked here with the CPU as the device."""
+    from kdcompress.metrics import onnx_bound_call
+
+    session = cnn_onnx.session()
+    x = digits_task.head("test", 16).numpy()
+    binding = onnx_bound_call(session, x, "cpu")()
+    bound = binding.copy_outputs_to_cpu()[0]
+    plain = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(bound, plain, rtol=1e-6, atol=1e-6)
+    assert bound.shape == (16, digits_task.num_classes)
 
 
 def test_callables_timed_side_by_side_take_turns_of_consecutive_runs():
