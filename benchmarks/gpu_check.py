@@ -62,7 +62,8 @@ def flagship(task: data.Task, scale: float, batch_size: int | None = None,
                          loss=KD(temperature=4) * 0.9 + CE() * 0.1, epochs=e(15),
                          batch_size=batch_size, precision=precision)
     pruned = p.stage(prune, out="pruned", model=student_kd, ratio=0.3, round_to=8,
-                     teacher=teacher, recovery_epochs=e(5), recovery_batch_size=batch_size)
+                     teacher=teacher, recovery_epochs=e(5), recovery_batch_size=batch_size,
+                     recovery_precision=precision)
     fp32 = p.stage(export_onnx, out="fp32", model=pruned, tt_export="auto")
     p.stage(quantize_onnx, out="int8", model=fp32, mode="static")
     return p

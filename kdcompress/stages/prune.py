@@ -39,6 +39,7 @@ from kdcompress.layers.heads import (
 )
 from kdcompress.layers.tt import TTConv2d, TTLinear
 from kdcompress.losses.functional import kd_loss
+from kdcompress.placement import PRECISIONS, autocast_dtype
 from kdcompress.scoring import MetricLike
 from kdcompress.training import FitConfig, accuracy, fit
 
@@ -70,6 +71,7 @@ PRUNE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     "recovery_epochs": Int(min=0),
     "recovery_lr": Float(gt=0),
     "recovery_batch_size": Int(min=1, optional=True),
+    "recovery_precision": Choice(PRECISIONS),
     "round_to": Int(min=1, optional=True),
     "allocation": Choice(ALLOCATIONS),
 }, rules=[
@@ -82,7 +84,7 @@ def prune(
     model: nn.Module, *, ratio: float = 0.3, importance: str = "magnitude",
     global_pruning: bool = False, iterative_steps: int = 1, recovery_epochs: int = 3,
     recovery_lr: float = 3e-3, recovery_batch_size: int | None = None,
-    teacher: nn.Module | None = None,
+    recovery_precision: str = "auto", teacher: nn.Module | None = None,
     round_to: int | None = None, ignored_layers: list[str] | None = None,
     allocation: str = "uniform", metric: MetricLike | None = None, data: Task | None = None,
     ctx: StageContext | None = None,
@@ -109,6 +111,9 @@ def prune(
     recovery_lr, recovery_batch_size : float, int or None
         Learning rate (AdamW, cosine decay, weight decay 1e-4) and batch size of recovery
         (None: chosen for the device, as ``train``'s ``batch_size=None``).
+    recovery_precision : {"auto", "fp32", "fp16", "bf16"}
+        Autocast precision of recovery, as ``train``'s ``precision`` (``"auto"``: float16 with a
+        gradient scaler on CUDA, float32 on the CPU).
     teacher : nn.Module, optional
         The model to distil from during recovery.
     round_to : int, optional
@@ -159,11 +164,14 @@ def prune(
         "ratio": ratio, "importance": importance, "global_pruning": global_pruning,
         "iterative_steps": iterative_steps, "recovery_epochs": recovery_epochs,
         "recovery_lr": recovery_lr, "recovery_batch_size": recovery_batch_size,
-        "round_to": round_to, "allocation": allocation})  # and its rules
+        "recovery_precision": recovery_precision, "round_to": round_to,
+        "allocation": allocation})  # and its rules
     _check_model(model)
     ctx = resolve_context(ctx, "prune", data)
     recovery = FitConfig(epochs=recovery_epochs, lr=recovery_lr, batch_size=recovery_batch_size,
-                         weight_decay=1e-4)
+                         weight_decay=1e-4, precision=recovery_precision)
+    if recovery_epochs:  # fp16 on a CPU is refused here, before the pruning it would follow
+        autocast_dtype(recovery_precision, recovery.amp, ctx.device, ctx.name)
     torch.manual_seed(ctx.seed)
     model = copy.deepcopy(model).cpu().eval()
     if recovery_epochs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -75,6 +76,7 @@ BAD = [
     ({"recovery_lr": 0.0}, "recovery_lr must be > 0, but got 0.0"),
     ({"recovery_batch_size": 0}, "recovery_batch_size must be >= 1, but got 0"),
     ({"round_to": 0}, "round_to must be >= 1, but got 0"),
+    ({"recovery_precision": "bf61"}, "recovery_precision must be one of .*Did you mean 'bf16'"),
     ({"allocation": "sensitive"}, "allocation must be one of 'uniform', 'sensitivity', but got "
                                   "'sensitive'. Did you mean 'sensitivity'"),
 ]
@@ -90,6 +92,27 @@ def test_bad_settings_fail_at_declaration_and_on_direct_calls(trained, task, kwa
         prune(trained, data=task, **kwargs)
     with pytest.raises(StageError, match="expects a torch model"):
         prune("model.onnx", data=task)
+
+
+def test_recovery_runs_in_the_precision_asked_for(trained, task, monkeypatch):
+    """``recovery_precision`` reaches recovery's training loop (bfloat16 autocast runs on the
+    CPU too), and fp16, which needs CUDA, is refused on the CPU before any pruning."""
+    from kdcompress.context import StageContext
+
+    ctx = StageContext.standalone("p", task)
+    prune(trained, ratio=0.3, recovery_epochs=1, recovery_precision="bf16", ctx=ctx)
+    assert ctx.details["precision"] == "bfloat16"
+    plain = StageContext.standalone("p", task)
+    prune(trained, ratio=0.3, recovery_epochs=1, ctx=plain)
+    assert plain.details["precision"] == "float32"
+    prune_module = sys.modules["kdcompress.stages.prune"]
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("pruned before refusing fp16 on the CPU")
+
+    monkeypatch.setattr(prune_module, "channel_counts", no_pruning)
+    with pytest.raises(StageError, match="precision='fp16' needs CUDA"):
+        prune(trained, ratio=0.3, recovery_epochs=1, recovery_precision="fp16", data=task)
 
 
 def test_pruned_model_reloads_identically(trained, task, tmp_path):
