@@ -247,6 +247,9 @@ def _flags(row: StageRow, parent: StageRow | None, metric: str = "accuracy") -> 
         reason = row.details.get("slow_reason", "")
         flags.append(f"int8 is not faster than its fp32 parent at the largest batch "
                      f"({speedup:.2f}x)" + (f": {reason}" if reason else ""))
+    slower = _slower_on_cuda(row, parent) if quantized else None
+    if slower:
+        flags.append(slower)
     mine, theirs, split = row.val_score, parent.val_score, "validation"
     if mine is None or theirs is None:
         mine, theirs, split = row.score, parent.score, "test"
@@ -256,6 +259,24 @@ def _flags(row: StageRow, parent: StageRow | None, metric: str = "accuracy") -> 
                      f"({100 * mine:.2f}% vs {100 * theirs:.2f}%): "
                      f"{_KNOBS.get(row.role, _KNOBS['transform'])}")
     return flags
+
+
+#: How much slower on CUDA than its fp32 parent an int8 graph must be to be flagged: the two are
+#: timed one after the other, not side by side, so a smaller gap can be the machine's.
+CUDA_SLOWER = 1.10
+
+
+def _slower_on_cuda(row: StageRow, parent: StageRow) -> str | None:
+    """A note when an int8 graph runs slower than its parent on the GPU at every batch timed."""
+    mine, theirs = row.latency_ms_cuda or {}, parent.latency_ms_cuda or {}
+    batches = [k for k in mine if k in theirs and theirs[k]["p50"] > 0]
+    ratios = {k: mine[k]["p50"] / theirs[k]["p50"] for k in batches}
+    if not ratios or min(ratios.values()) < CUDA_SLOWER:
+        return None
+    said = ", ".join(f"{k.replace('batch_', 'batch ')} {mine[k]['p50']:.3f} vs "
+                     f"{theirs[k]['p50']:.3f} ms" for k in batches)
+    return (f"on CUDA, int8 is slower than its fp32 parent ({said}; ONNX Runtime's CUDA "
+            "provider): on a GPU serve the fp32 graph, or an int8 engine such as TensorRT's")
 
 
 def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:

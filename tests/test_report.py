@@ -157,6 +157,30 @@ def test_quantized_model_not_faster_than_its_parent_is_flagged(report):
     assert [r.name for r in report.stages] == ["teacher", "fp32", "int8"]
 
 
+def test_int8_slower_than_its_parent_on_cuda_is_flagged(report):
+    """CUDA latencies are timed apart, so int8 is flagged only when slower by 10% or more at
+    every batch size; the CPU figures (int8 faster there) do not hide it."""
+    def cuda(b1, b64):
+        return {"batch_1": {"p50": b1, "p90": b1}, "batch_64": {"p50": b64, "p90": b64}}
+
+    fp32 = row("fp32", inputs=["teacher"], fmt="onnx", b64=8.0)
+    fp32.latency_ms_cuda = cuda(0.2075, 0.2852)
+    report.add(fp32)
+    int8 = row("int8", inputs=["fp32"], function="kdcompress.stages.quantize.quantize_onnx",
+               role="quantize", fmt="onnx", size=1000, b64=4.0)
+    int8.latency_ms_cuda = cuda(0.3211, 0.3787)  # the H200 run's figures
+    report.add(int8)
+    (flag,) = report.row("int8").flags
+    assert flag.startswith("on CUDA, int8 is slower than its fp32 parent")
+    assert "batch 1 0.321 vs 0.207 ms" in flag and "batch 64 0.379 vs 0.285 ms" in flag
+    int8.latency_ms_cuda = cuda(0.3211, 0.30)  # 5% slower at batch 64: within timing noise
+    report.add(int8)
+    assert report.row("int8").flags == []
+    int8.latency_ms_cuda = None  # a CPU run
+    report.add(int8)
+    assert report.row("int8").flags == []
+
+
 def test_flags_and_failure_reach_the_markdown(report, tmp_path):
     report.add(row("pruned", inputs=["teacher"], params=500, macs=None, size=2000))
     report.fail("int8", "kdcompress.stages.quantize.quantize_onnx", "ValueError: no calib", 0.5)
