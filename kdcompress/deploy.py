@@ -12,6 +12,7 @@ The wrapper is a convenience: the graph itself needs nothing from kdcompress at 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ class OnnxClassifier:
     path : path
         The ``.onnx`` file (external data, if any, beside it).
     providers : list of str, optional
-        ONNX Runtime execution providers; CUDA (when available) then CPU by default.
+        ONNX Runtime execution providers; CUDA (when available) then CPU by default. A provider
+        named here that does not load is an error; the default's CUDA provider that does not
+        load is a ``RuntimeWarning`` (the session then runs on the CPU).
     threads : int, optional
         Intra-op threads; ONNX Runtime's default (all cores) when not given.
 
@@ -86,11 +89,19 @@ class OnnxClassifier:
                 raise ValueError(f"threads must be >= 1 or None, but got {threads}")
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        asked = providers or default_providers()
         try:
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=providers or default_providers())
+            self.session = ort.InferenceSession(str(self.path), options, providers=asked)
         except Exception as exc:  # ORT raises its own types for corrupt files and bad providers
             raise ArtifactError(f"ONNX Runtime cannot open {self.path}: {exc}") from exc
+        used = self.session.get_providers()
+        if used[0] != asked[0]:  # ORT falls back down the list with only a log line
+            message = (f"{asked[0]} did not load for {self.path.name}: the session runs on "
+                       f"{used[0]} (check the libraries onnxruntime-gpu needs, e.g. CUDA and "
+                       "cuDNN)")
+            if providers:  # the caller asked for it by name
+                raise ArtifactError(message + f", or pass providers={used!r}")
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ArtifactError(f"{self.path} has {len(inputs)} inputs "

@@ -69,3 +69,23 @@ def test_missing_or_corrupt_file(tmp_path):
     bad.write_bytes(b"not a graph")
     with pytest.raises(ArtifactError, match="cannot open"):
         OnnxClassifier(bad)
+
+
+def test_a_provider_that_does_not_load_is_an_error_when_named_and_a_warning_by_default(
+        int8, task, monkeypatch):
+    """ONNX Runtime runs the session on the next provider when one does not load (here: the CUDA
+    provider, absent from this build), with only a log line; OnnxClassifier says so."""
+    import kdcompress.deploy as deploy
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    cuda_first = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(ArtifactError, match="CUDAExecutionProvider did not load.*runs on "
+                                            "CPUExecutionProvider.*providers="):
+        OnnxClassifier(int8.path, providers=cuda_first)
+    monkeypatch.setattr(deploy, "default_providers", lambda: cuda_first)  # as on a GPU machine
+    with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider did not load"):
+        clf = OnnxClassifier(int8.path)
+    assert clf.providers == ["CPUExecutionProvider"]
+    x, _ = task.arrays("test")
+    assert clf.predict(x[:4].numpy()).shape == (4,)
