@@ -8,6 +8,7 @@ runs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class Measurer(Progress):
         is_baseline = event.name == report.baseline
         if self.only is not None and not is_baseline and event.name not in self.only:
             return
+        started = time.perf_counter()
         metrics = measure(event.artifact, self.task, config=self.config, folder=event.folder,
                           reference=None if is_baseline else self.baseline_predictions,
                           baseline=None if is_baseline else self.baseline, test=self.read_test,
@@ -80,6 +82,7 @@ class Measurer(Progress):
             if self.read_test:
                 logits, _ = predict_split(event.artifact, self.task, "test")
                 self.baseline_predictions = logits.argmax(1)
+        event.row.measure_seconds = round(time.perf_counter() - started, 3)
         report.add(event.row, order=self.order)
 
 

@@ -61,7 +61,9 @@ class StageRow:
     test split unread, as is ``agreement``); both are top-1 accuracy whatever the metric.
     ``val_score`` and ``score`` are the pipeline's metric (``Report.metric``: ``"accuracy"``,
     ``"top5"``, ``"macro_f1"`` or a callable's name) on the same splits, which automatic choices
-    use; equal to the accuracies when the metric is ``"accuracy"``.
+    use; equal to the accuracies when the metric is ``"accuracy"``. ``seconds`` is the stage's
+    own work (a stage loaded from the cache keeps the seconds it took when it was computed),
+    ``measure_seconds`` the time this run spent measuring it (scores and latencies).
     """
 
     name: str
@@ -88,6 +90,7 @@ class StageRow:
     latency_ms_cuda: dict[str, dict[str, float]] | None = None
     score: float | None = None
     val_score: float | None = None
+    measure_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         # a row without scores (a report written before metrics had names, or built by hand)
@@ -197,7 +200,9 @@ class Report:
                      + ("*val* is validation accuracy, *accuracy* test accuracy."
                         if self.metric == "accuracy" else
                         f"*val {self.metric}* and *{self.metric}* are the pipeline's metric on "
-                        "the validation and test splits, *accuracy* test top-1 accuracy."))
+                        "the validation and test splits, *accuracy* test top-1 accuracy.")
+                     + f" *time s* is each stage's own work; measuring the stages took "
+                     f"{sum(r.measure_seconds for r in self.stages):.1f} s in all.")
         for r in self.stages:
             notes = [f"- {f}" for f in r.flags] + [f"- warning: {w}" for w in r.warnings]
             if notes or r.details:

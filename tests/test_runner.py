@@ -122,6 +122,12 @@ def test_second_run_is_all_cached_and_calls_nothing(tiny_task, run, tmp_path):
     for a, b in zip(first.stages, second.stages, strict=True):
         assert (a.accuracy, a.params, a.size_bytes) == (b.accuracy, b.params, b.size_bytes)
     assert load_report(tmp_path / "run").stages[2].cached is True
+    # each row says how long measuring it took, apart from the stage's own seconds, and the
+    # markdown adds them up
+    assert all(r.measure_seconds > 0 for r in second.stages)
+    total = sum(r.measure_seconds for r in second.stages)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert f"measuring the stages took {total:.1f} s in all" in md
 
 
 def test_changed_constant_reruns_the_stage_and_everything_downstream(tiny_task, run, tmp_path):
