@@ -67,6 +67,7 @@ FIT_CHECKS: dict[str, Check] = {
     "schedule": Choice(SCHEDULES),
     "grad_clip": Float(gt=0, optional=True),
     "precision": Choice(PRECISIONS),
+    "keep_best": Choice([True, False]),
 }
 
 #: ``loss_fn(net, x, y)`` (or ``loss_fn(net, x, y, index)`` with ``with_index=True``) returns the
@@ -109,6 +110,10 @@ class FitConfig:
         ``transform(x) -> x`` applied to every training batch on the training device, without
         gradient, before ``loss_fn`` sees it (random augmentation, :mod:`kdcompress.augment`);
         never to the batches that are measured. It must keep the batch's shape.
+    keep_best : bool
+        End with the weights of the epoch whose validation score (``ctx.metric`` on
+        ``data.eval_split``) was highest, the starting weights counting as epoch 0, instead of
+        the last epoch's: training can only keep or improve what the model started with.
 
     Raises
     ------
@@ -126,6 +131,7 @@ class FitConfig:
     amp: bool = True
     transform: Callable[[Tensor], Tensor] | None = None
     precision: str = "auto"
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         for key, check in {**FIT_CHECKS, "amp": Choice([True, False])}.items():
@@ -186,6 +192,9 @@ class FitResult:
         Optimisation steps taken.
     stopped_early : bool
         Whether ``on_epoch`` stopped the run before its last epoch.
+    best_epoch : int, optional
+        With ``FitConfig.keep_best``: the epoch whose weights the model ends with (0: the
+        starting weights).
     """
 
     model: nn.Module
@@ -193,6 +202,7 @@ class FitResult:
     split: str
     steps: int
     stopped_early: bool = False
+    best_epoch: int | None = None
 
     @property
     def final_loss(self) -> float:
@@ -286,12 +296,15 @@ def fit(
     split = data.eval_split
     history: list[EpochStats] = []
     stopped = False
+    best = _Best(model, data, split, ctx, parallel) if config.keep_best else None
     for epoch in range(1, config.epochs + 1):
         means = loop.epoch(epoch)
         logits, labels = predict_split(model, data, split, device=ctx.device)
         acc = float((logits.argmax(1) == labels).float().mean())
         val_score = ctx.metric(logits, labels)  # the pipeline's metric (top-1 by default)
         history.append(EpochStats(epoch, means.pop("loss"), acc, means, val_score))
+        if best is not None:
+            best.offer(epoch, val_score)
         metrics = {"loss": history[-1].loss, **means}
         info = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         named = "" if ctx.metric.name == "accuracy" else \
@@ -303,7 +316,42 @@ def fit(
                 and epoch < config.epochs:
             stopped = True
             break
-    return FitResult(model.eval(), history, split, loop.steps, stopped)
+    if best is None:
+        return FitResult(model.eval(), history, split, loop.steps, stopped)
+    best.restore()
+    return FitResult(model.eval(), history, split, loop.steps, stopped, best.epoch)
+
+
+class _Best:
+    """The weights of the best epoch so far by validation score (``FitConfig.keep_best``).
+
+    Under ``torchrun`` every process scores the same replicated weights; rank 0's verdict is the
+    one all of them follow, so the processes end with the same epoch's weights.
+    """
+
+    def __init__(self, model: nn.Module, data: Task, split: str, ctx: StageContext,
+                 parallel: bool) -> None:
+        self.model, self.ctx, self.parallel = model, ctx, parallel
+        logits, labels = predict_split(model, data, split, device=ctx.device)
+        self.score = ctx.metric(logits, labels)
+        self.start = self.score
+        self.epoch = 0
+        self.state = self._copy()
+
+    def _copy(self) -> dict[str, Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def offer(self, epoch: int, score: float) -> None:
+        better = score > self.score
+        if self.parallel:
+            better = distributed.all_gather(better)[0]
+        if better:
+            self.score, self.epoch, self.state = score, epoch, self._copy()
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.state)
+        self.ctx.record("best_epoch", {"epoch": self.epoch, "val_score": round(self.score, 6),
+                                       "start_val_score": round(self.start, 6)})
 
 
 def _end_epoch(ctx: StageContext, on_epoch: Callable[[int, dict[str, float]], bool | None] | None,

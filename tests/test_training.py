@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -75,6 +76,48 @@ def test_on_epoch_returning_true_stops_training_early(task):
                  on_epoch=lambda epoch, metrics: epoch == 2)
     assert [h.epoch for h in result.history] == [1, 2]
     assert result.stopped_early and result.steps == 2 * 3
+
+
+def _val_accuracy(model: nn.Module, task: kd_data.Task) -> float:
+    x, y = task.arrays("val")
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(1) == y).float().mean())
+
+
+def test_keep_best_never_ends_below_the_start_and_records_the_epoch(task):
+    """A trained model pushed uphill by a loss that unlearns it (negative cross-entropy) ends
+    worse without keep_best and exactly where it started with it (epoch 0)."""
+    trained = fit(small_net(), ce, task, config=FitConfig(epochs=4, lr=1e-2)).model
+    start = _val_accuracy(trained, task)
+
+    def unlearn(net, x, y):
+        return -F.cross_entropy(net(x), y)
+
+    plain = fit(copy.deepcopy(trained), unlearn, task, config=FitConfig(epochs=2, lr=1e-2))
+    assert plain.best_epoch is None and _val_accuracy(plain.model, task) < start - 0.2
+    ctx = StageContext.standalone("distill", task)
+    kept = fit(copy.deepcopy(trained), unlearn, task, ctx=ctx,
+               config=FitConfig(epochs=2, lr=1e-2, keep_best=True))
+    assert kept.best_epoch == 0
+    for a, b in zip(kept.model.state_dict().values(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert ctx.details["best_epoch"] == {"epoch": 0, "val_score": round(start, 6),
+                                         "start_val_score": round(start, 6)}
+
+
+def test_keep_best_keeps_the_first_epoch_with_the_highest_validation_score(task):
+    """Training from scratch with a constant, too-large learning rate wanders; the model ends with
+    the weights of the first epoch whose validation score was the highest of the run."""
+    ctx = StageContext.standalone("teacher", task)
+    result = fit(small_net(seed=3), ce, task, ctx=ctx,
+                 config=FitConfig(epochs=6, lr=3.0, optimizer="sgd", schedule="constant",
+                                   keep_best=True))
+    scores = [h.val_score for h in result.history]
+    assert scores[-1] < max(scores)  # so ending with the last epoch's weights would fail below
+    best = 1 + scores.index(max(scores))
+    assert result.best_epoch == best
+    assert _val_accuracy(result.model, task) == pytest.approx(scores[best - 1])
+    assert ctx.details["best_epoch"]["epoch"] == best
 
 
 def test_on_epoch_exception_propagates_unchanged(task):

@@ -117,7 +117,8 @@ def distill(
     schedule: str = "cosine", grad_clip: float | None = None, teacher_weighting: str = "mean",
     self_distill: str | None = None, generations: int = 1, ema_decay: float = 0.999,
     cache_teacher: bool | str = "auto", transforms: Transforms | None = None,
-    precision: str = "auto", data: Task | None = None, ctx: StageContext | None = None,
+    precision: str = "auto", keep_best: bool = False, data: Task | None = None,
+    ctx: StageContext | None = None,
 ) -> nn.Module:
     """Train a copy of ``student`` against ``teacher`` (or several, or itself) with ``loss``.
 
@@ -153,6 +154,10 @@ def distill(
         and the student see the same augmented batch.
     precision : {"auto", "fp32", "fp16", "bf16"}
         Autocast precision of the training steps, as for ``train``.
+    keep_best : bool
+        End with the weights of the epoch with the best validation score, the student's starting
+        weights counting as epoch 0 (``details.best_epoch``), instead of the last epoch's: a
+        student that starts near its teacher is never left worse than it started.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -187,7 +192,7 @@ def distill(
         "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip,
         "teacher_weighting": teacher_weighting, "self_distill": self_distill,
         "generations": generations, "ema_decay": ema_decay, "cache_teacher": cache_teacher,
-        "transforms": transforms, "precision": precision})
+        "transforms": transforms, "precision": precision, "keep_best": keep_best})
     ctx = resolve_context(ctx, "distill", data)
     augment = compose(transforms)
     if augment is not None:
@@ -199,7 +204,7 @@ def distill(
         return student.cpu().eval()
     config = FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                        optimizer=optimizer, schedule=schedule, grad_clip=grad_clip,
-                       transform=augment, precision=precision)
+                       transform=augment, precision=precision, keep_best=keep_best)
     run = _Run(ctx, config, teacher_weighting=teacher_weighting, cache_teacher=cache_teacher)
     if self_distill is None:
         teachers = [_frozen(as_module(t, ctx.data), ctx.device) for t in _as_list(teacher)]

@@ -25,7 +25,8 @@ def train(
     batch_size: int | None = None,
     weight_decay: float = 1e-4, label_smoothing: float = 0.0, optimizer: str = "adamw",
     schedule: str = "cosine", grad_clip: float | None = None, transforms: Transforms | None = None,
-    precision: str = "auto", data: Task | None = None, ctx: StageContext | None = None,
+    precision: str = "auto", keep_best: bool = False, data: Task | None = None,
+    ctx: StageContext | None = None,
 ) -> nn.Module:
     """Train ``model`` on the task's training split with cross-entropy.
 
@@ -56,6 +57,9 @@ def train(
     precision : {"auto", "fp32", "fp16", "bf16"}
         Autocast precision of the training steps: ``"auto"`` is float16 with a gradient scaler
         on CUDA and float32 on the CPU; ``"bf16"`` works on both; ``"fp16"`` needs CUDA.
+    keep_best : bool
+        End with the weights of the epoch with the best validation score, the starting weights
+        counting as epoch 0 (``details.best_epoch`` says which), instead of the last epoch's.
     data : Task, optional
         The data; given by the pipeline, needed when calling the stage directly.
 
@@ -79,7 +83,8 @@ def train(
     check_arguments(train, {"epochs": epochs, "lr": lr, "batch_size": batch_size,
                             "weight_decay": weight_decay, "label_smoothing": label_smoothing,
                             "optimizer": optimizer, "schedule": schedule, "grad_clip": grad_clip,
-                            "transforms": transforms, "precision": precision})
+                            "transforms": transforms, "precision": precision,
+                            "keep_best": keep_best})
     ctx = resolve_context(ctx, "train", data)
     augment = compose(transforms)
     if augment is not None:
@@ -88,7 +93,7 @@ def train(
     model = copy.deepcopy(as_module(model, ctx.data)).to(ctx.device)
     config = FitConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                        optimizer=optimizer, schedule=schedule, grad_clip=grad_clip,
-                       transform=augment, precision=precision)
+                       transform=augment, precision=precision, keep_best=keep_best)
 
     def loss_fn(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(net(x), y, label_smoothing=label_smoothing)

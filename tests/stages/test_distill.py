@@ -124,6 +124,22 @@ def test_several_teachers_with_confidence_weights(task, teacher):
     assert {"rkd_distance", "rkd_angle"} <= set(ctx.details["loss_parts"])
 
 
+def test_keep_best_starts_from_the_student_and_records_the_epoch_kept(task, teacher):
+    """distill(keep_best=True) hands the setting to fit: the student's starting weights are
+    scored as epoch 0 (here a copy of the teacher, so the teacher's validation accuracy), and the
+    student returned scores what the epoch kept scored."""
+    ctx, _ = _ctx(task)
+    kept = distill(copy.deepcopy(teacher), teacher, epochs=2, lr=0.05, keep_best=True, ctx=ctx)
+    best = ctx.details["best_epoch"]
+    x, y = task.arrays("val")
+    with torch.no_grad():
+        teacher_score = float((teacher.eval()(x).argmax(1) == y).float().mean())
+        kept_score = float((kept.eval()(x).argmax(1) == y).float().mean())
+    assert best["start_val_score"] == pytest.approx(teacher_score, abs=1e-6)
+    assert kept_score == pytest.approx(best["val_score"], abs=1e-6)
+    assert best["val_score"] >= best["start_val_score"] and best["epoch"] in (0, 1, 2)
+
+
 def test_teacher_cache_gives_the_same_student_with_one_teacher_pass(task, teacher):
     calls = []
     counted = copy.deepcopy(teacher)
@@ -185,6 +201,7 @@ BAD = [
     ({"generations": 0}, "generations must be >= 1, but got 0"),
     ({"ema_decay": 1.0}, "ema_decay must be < 1, but got 1.0"),
     ({"cache_teacher": "yes"}, "cache_teacher must be one of"),
+    ({"keep_best": "yes"}, "keep_best must be one of True, False, but got 'yes'"),
 ]
 
 

@@ -22,6 +22,7 @@ BAD = [
     ({"optimizer": "adam"}, "optimizer must be one of 'adamw', 'sgd'.*Did you mean 'adamw'"),
     ({"schedule": "cos"}, "schedule must be one of 'cosine', 'constant', 'onecycle'"),
     ({"grad_clip": 0.0}, "grad_clip must be > 0, but got 0.0"),
+    ({"keep_best": 1}, "keep_best must be one of True, False, but got 1"),
 ]
 
 
