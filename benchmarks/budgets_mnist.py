@@ -12,7 +12,7 @@ Run by hand (the teacher is trained once and cached; every finished part is kept
    loss, ``--distill-epochs``), for each rank of ``--ranks`` and each layer set of ``--layers``
    (``linear``: the flagship's ``nn.Linear`` layers; ``all``: convolutions too);
    ``--budget-method auto`` lets the budget pick TT or SVD per layer; ``--distill-lr`` runs the
-   distillation at other learning rates too.
+   distillation at other learning rates too; ``--keep-best`` distils with ``keep_best=True``.
 2. Pruning at the same ratio: ``prune(allocation="uniform")`` against
    ``prune(allocation="sensitivity")`` with the same KD recovery (``--recovery-epochs``), for
    each seed of ``--seeds`` (the recovery's; the cut itself has no randomness).
@@ -87,7 +87,8 @@ class Results:
 
 def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
             distill_epochs: int, method: str = "tt", uniform_method: str = "tt",
-            seed: int = 0, distill_lr: float | None = None) -> dict[str, Any]:
+            seed: int = 0, distill_lr: float | None = None,
+            keep_best: bool = False) -> dict[str, Any]:
     chosen = LAYER_SETS[layers]
     uniform = decompose_tt(teacher, rank=rank, layers=chosen, method=uniform_method)
     ctx = StageContext.standalone("budget", task)
@@ -103,9 +104,12 @@ def tt_part(teacher: nn.Module, task: data.Task, rank: int, layers: str,
         for name, student in (("uniform", uniform), ("budget", budgeted)):
             torch.manual_seed(seed)
             lr = {} if distill_lr is None else {"lr": distill_lr}
-            tuned = distill(student, teacher, epochs=distill_epochs, **lr,
-                            ctx=StageContext.standalone("student_kd", task, seed=seed))
+            kd_ctx = StageContext.standalone("student_kd", task, seed=seed)
+            tuned = distill(student, teacher, epochs=distill_epochs, **lr, keep_best=keep_best,
+                            ctx=kd_ctx)
             row[f"{name}_kd"] = _scores(tuned, task)
+            if keep_best:
+                row[f"{name}_kd"]["best_epoch"] = kd_ctx.details["best_epoch"]["epoch"]
     return row
 
 
@@ -156,6 +160,9 @@ def main() -> None:
     parser.add_argument("--distill-lr", type=float, nargs="+", default=[None],
                         help="learning rates of the distillation, each a part of its own "
                              "(default: distill's own, 2e-3)")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="distil with keep_best=True (the best validation epoch, the start "
+                             "counting as epoch 0), in both arms")
     parser.add_argument("--budget-method", choices=["tt", "svd", "auto"], default="tt",
                         help="decompose_tt(budget=..., method=...): 'auto' picks TT or SVD per "
                              "layer")
@@ -187,10 +194,11 @@ def main() -> None:
                 suffix += f" vs {args.uniform_method}"
             for lr, seed in itertools.product(args.distill_lr, args.seeds):
                 results.part(f"tt r{rank} {layers}{suffix}" + (f" s{seed}" if seed else "")
-                             + ("" if lr is None else f" lr{lr:g}"),
+                             + ("" if lr is None else f" lr{lr:g}")
+                             + (" best" if args.keep_best else ""),
                              lambda r=rank, lay=layers, s=seed, lr=lr: tt_part(
                                  teacher, task, r, lay, args.distill_epochs, args.budget_method,
-                                 args.uniform_method, s, lr))
+                                 args.uniform_method, s, lr, args.keep_best))
     for ratio in args.prune_ratios:
         for seed in args.seeds:
             results.part(f"prune {ratio}" + (f" s{seed}" if seed else ""),
