@@ -754,6 +754,8 @@ class OnnxModel:
         if key not in self._sessions:
             import onnxruntime as ort
 
+            from kdcompress.deploy import provider_fallback
+
             options = ort.SessionOptions()
             if threads:
                 options.intra_op_num_threads = threads
@@ -765,13 +767,10 @@ class OnnxModel:
                                         "onnxruntime-gpu or measure on cpu")
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             session = ort.InferenceSession(str(self.path), options, providers=providers)
-            if session.get_providers()[0] != providers[0]:
-                # ONNX Runtime falls back to the CPU with a warning when a provider's libraries
-                # do not load: a latency timed so would be the CPU's under a CUDA label
-                raise ArtifactError(
-                    f"ONNX Runtime's {providers[0]} did not load for {self.path.name} (the "
-                    f"session runs on {session.get_providers()[0]}): check that the CUDA and "
-                    "cuDNN libraries onnxruntime-gpu needs are installed, or measure on cpu")
+            # a latency timed on a fallen-back session would be the CPU's under a CUDA label
+            message = provider_fallback(session, providers, self.path)
+            if message:
+                raise ArtifactError(f"{message}, or measure on cpu")
             self._sessions[key] = session
         return self._sessions[key]
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from kdcompress.errors import ArtifactError, InputError
 
-__all__ = ["OnnxClassifier", "InputError", "default_providers"]
+__all__ = ["OnnxClassifier", "InputError", "default_providers", "provider_fallback"]
 
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -34,6 +34,20 @@ def default_providers() -> list[str]:
     if "CUDAExecutionProvider" in ort.get_available_providers() and _has_gpu():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def provider_fallback(session: Any, asked: list[str], path: str | os.PathLike) -> str | None:
+    """Why ``session`` does not run on the first provider ``asked`` for, or None when it does.
+
+    ONNX Runtime falls down the provider list when one does not load (CUDA or cuDNN libraries
+    missing) with only a log line; a caller that timed or served the session as the first
+    provider's would be misled.
+    """
+    used = session.get_providers()
+    if used[0] == asked[0]:
+        return None
+    return (f"{asked[0]} did not load for {Path(path).name}: the session runs on {used[0]} "
+            "(check the libraries onnxruntime-gpu needs, e.g. CUDA and cuDNN)")
 
 
 def _has_gpu() -> bool:
@@ -94,13 +108,11 @@ class OnnxClassifier:
             self.session = ort.InferenceSession(str(self.path), options, providers=asked)
         except Exception as exc:  # ORT raises its own types for corrupt files and bad providers
             raise ArtifactError(f"ONNX Runtime cannot open {self.path}: {exc}") from exc
-        used = self.session.get_providers()
-        if used[0] != asked[0]:  # ORT falls back down the list with only a log line
-            message = (f"{asked[0]} did not load for {self.path.name}: the session runs on "
-                       f"{used[0]} (check the libraries onnxruntime-gpu needs, e.g. CUDA and "
-                       "cuDNN)")
+        message = provider_fallback(self.session, asked, self.path)
+        if message:
             if providers:  # the caller asked for it by name
-                raise ArtifactError(message + f", or pass providers={used!r}")
+                raise ArtifactError(
+                    f"{message}, or pass providers={self.session.get_providers()!r}")
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
