@@ -380,7 +380,7 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
         row["faster_by"] = {k: round(base[k]["p50"] / v["p50"], 3) if v["p50"] > 0 else None
                             for k, v in row["latency_ms"].items()}
     if config.cuda:
-        missing = onnx_cuda_missing(model) if onnx else None
+        missing = onnx_cuda_missing(model, config.threads) if onnx else None
         if missing is None:
             row["latency_ms_cuda"] = latency(model, x, config, device="cuda")
         else:  # the report says, in one line, why this ONNX stage has no CUDA latency
@@ -388,11 +388,12 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
     return row
 
 
-def onnx_cuda_missing(model: OnnxModel | None = None) -> str | None:
+def onnx_cuda_missing(model: OnnxModel | None = None, threads: int | None = None) -> str | None:
     """Why ONNX Runtime cannot time a graph on CUDA here, or None when it can.
 
-    With ``model``, a CUDA session is opened for it, so a provider that is installed but whose
-    libraries do not load (ONNX Runtime would fall back to the CPU) is reported too.
+    With ``model``, its CUDA session (for ``threads``, the one timing will reuse) is opened, so a
+    provider that is installed but whose libraries do not load (ONNX Runtime would fall back to
+    the CPU) is reported too.
     """
     import onnxruntime as ort
 
@@ -401,7 +402,7 @@ def onnx_cuda_missing(model: OnnxModel | None = None) -> str | None:
                 "CUDAExecutionProvider (install onnxruntime-gpu to measure it)")
     if model is not None:
         try:
-            model.session("cuda")
+            model.session("cuda", threads)
         except ArtifactError as e:
             return f"no CUDA latency for this ONNX graph: {e}"
     return None
