@@ -299,9 +299,7 @@ def fit(
     best = _Best(model, data, split, ctx, parallel) if config.keep_best else None
     for epoch in range(1, config.epochs + 1):
         means = loop.epoch(epoch)
-        logits, labels = predict_split(model, data, split, device=ctx.device)
-        acc = float((logits.argmax(1) == labels).float().mean())
-        val_score = ctx.metric(logits, labels)  # the pipeline's metric (top-1 by default)
+        acc, val_score = _validate(model, data, split, ctx)
         history.append(EpochStats(epoch, means.pop("loss"), acc, means, val_score))
         if best is not None:
             best.offer(epoch, val_score)
@@ -322,6 +320,12 @@ def fit(
     return FitResult(model.eval(), history, split, loop.steps, stopped, best.epoch)
 
 
+def _validate(model: nn.Module, data: Task, split: str, ctx: StageContext) -> tuple[float, float]:
+    """Top-1 accuracy and the pipeline's metric (``ctx.metric``) of ``model`` on ``split``."""
+    logits, labels = predict_split(model, data, split, device=ctx.device)
+    return float((logits.argmax(1) == labels).float().mean()), ctx.metric(logits, labels)
+
+
 class _Best:
     """The weights of the best epoch so far by validation score (``FitConfig.keep_best``).
 
@@ -332,8 +336,7 @@ class _Best:
     def __init__(self, model: nn.Module, data: Task, split: str, ctx: StageContext,
                  parallel: bool) -> None:
         self.model, self.ctx, self.parallel = model, ctx, parallel
-        logits, labels = predict_split(model, data, split, device=ctx.device)
-        self.score = ctx.metric(logits, labels)
+        _, self.score = _validate(model, data, split, ctx)
         self.start = self.score
         self.epoch = 0
         self.state = self._copy()
