@@ -72,7 +72,8 @@ def side_by_side(runners: dict[str, Callable[[], object]], rounds: int) -> dict[
     ``rounds`` timed runs each, after 5 warm-up runs)."""
     from kdcompress.metrics import MeasureConfig, time_calls
 
-    config = MeasureConfig(warmup=5, repeats=rounds, min_seconds=0.0, max_repeats=rounds)
+    config = MeasureConfig(warmup=5, repeats=rounds, min_seconds=0.0, max_repeats=rounds,
+                           max_seconds=None)
     return {k: t["p50"] for k, t in zip(runners, time_calls(list(runners.values()), config),
                                         strict=True)}
 

@@ -25,9 +25,9 @@ from kdcompress.errors import ArtifactError
 from kdcompress.scoring import Metric, MetricLike
 from kdcompress.training import predict_logits
 
-__all__ = ["MeasureConfig", "measure", "latency", "latency_against", "latency_side_by_side",
-           "predict", "predict_split",
-           "count_macs", "time_call", "time_calls"]
+__all__ = ["MeasureConfig", "measure", "measure_with_predictions", "latency", "latency_against",
+           "latency_side_by_side", "predict", "predict_split", "count_macs", "time_call",
+           "time_calls"]
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,21 @@ class MeasureConfig:
     batch_sizes : tuple of int
         Batch sizes timed (the report's ``batch_1`` and ``batch_64``).
     warmup : int
-        Untimed runs before timing.
+        Untimed runs before timing (at least two of them, fewer than ``warmup`` only for a call
+        whose warm-up has already taken half of ``max_seconds``).
     repeats : int
-        Timed runs per batch size (at least; short runs are repeated up to ``min_seconds``).
+        Timed runs per batch size (at least; short runs are repeated up to ``min_seconds``;
+        slow ones are cut to fit ``max_seconds``).
     min_seconds : float
         Keep timing a batch size until this much time has passed, up to ``max_repeats``.
+    max_seconds : float or None
+        The timed runs' budget per callable and batch size: when ``repeats`` runs of the slowest
+        callable (its last warm-up run) would take longer, fewer are timed, but never fewer than
+        ``min_repeats``. A 50 ms call is timed 10 times instead of 20; calls under
+        ``max_seconds / repeats`` (25 ms by default) are unaffected. ``None`` times ``repeats``
+        runs whatever they cost.
+    min_repeats : int
+        The fewest timed runs ``max_seconds`` may leave.
     block : int
         Callables timed side by side take turns of this many consecutive timed runs (at most
         ``repeats``), each turn after ``turn_warmup`` untimed runs: a small model timed one
@@ -65,10 +75,20 @@ class MeasureConfig:
     warmup: int = 5
     repeats: int = 20
     min_seconds: float = 0.2
+    max_seconds: float | None = 0.5
+    min_repeats: int = 5
     max_repeats: int = 200
     block: int = 10
     turn_warmup: int = 2
     cuda: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"MeasureConfig.max_seconds must be > 0 or None, but got "
+                             f"{self.max_seconds!r}")
+        if self.min_repeats < 1:
+            raise ValueError(f"MeasureConfig.min_repeats must be >= 1, but got "
+                             f"{self.min_repeats!r}")
 
 
 def predict(
@@ -132,21 +152,22 @@ def time_calls(fns: list[Callable[[], Any]], config: MeasureConfig | None = None
     ones (see :class:`MeasureConfig`).
 
     Interleaving exposes every callable to the same machine state, so ratios between them hold
-    even when the load changes while timing. Returns one ``{"p50", "p90", "runs"}`` per callable.
+    even when the load changes while timing. Every callable gets the same number of timed runs:
+    ``config.repeats``, or fewer when the slowest one's would not fit ``config.max_seconds``.
+    Returns one ``{"p50", "p90", "runs"}`` per callable.
     """
     config = config or MeasureConfig()
-    for fn in fns:
-        for _ in range(config.warmup):
-            fn()
-    sync()
+    per_call = [_warm_up(fn, config, sync) for fn in fns]
+    repeats = _repeats(config, [t for t in per_call if t is not None])
     times: list[list[float]] = [[] for _ in fns]
-    block = max(1, min(config.block, config.repeats, config.max_repeats))
+    block = max(1, min(config.block, repeats, config.max_repeats))
     turn_warmup = config.turn_warmup if len(fns) > 1 else 0
     start = time.perf_counter()
-    while len(times[0]) < config.repeats or (
+    while len(times[0]) < repeats or (
             time.perf_counter() - start < config.min_seconds * len(fns)
             and len(times[0]) < config.max_repeats):
-        runs = min(block, max(config.max_repeats - len(times[0]), 1))
+        done = len(times[0])
+        runs = min(block, max((repeats if done < repeats else config.max_repeats) - done, 1))
         for fn, bucket in zip(fns, times, strict=True):
             for _ in range(turn_warmup):
                 fn()
@@ -158,6 +179,35 @@ def time_calls(fns: list[Callable[[], Any]], config: MeasureConfig | None = None
                 bucket.append((time.perf_counter() - t0) * 1e3)
     return [{"p50": round(float(np.percentile(t, 50)), 4),
              "p90": round(float(np.percentile(t, 90)), 4), "runs": len(t)} for t in times]
+
+
+def _warm_up(fn: Callable[[], Any], config: MeasureConfig,
+             sync: Callable[[], None]) -> float | None:
+    """Run ``fn`` untimed ``config.warmup`` times (see :class:`MeasureConfig`); return the last
+    run's seconds, or None without warm-up."""
+    spent = 0.0
+    last = None
+    for i in range(config.warmup):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        last = time.perf_counter() - t0
+        spent += last
+        if i >= 1 and config.max_seconds is not None and spent >= config.max_seconds / 2:
+            break
+    return last
+
+
+def _repeats(config: MeasureConfig, per_call: list[float]) -> int:
+    """Timed runs per callable: ``config.repeats``, cut to fit ``config.max_seconds`` when the
+    slowest callable's warm-up says they would not."""
+    if config.max_seconds is None or not per_call:
+        return config.repeats
+    slowest = max(per_call)
+    if slowest * config.repeats <= config.max_seconds:
+        return config.repeats
+    fit = int(config.max_seconds / max(slowest, 1e-9))
+    return max(min(config.min_repeats, config.repeats), min(fit, config.repeats))
 
 
 @contextlib.contextmanager
@@ -310,6 +360,8 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
             metric: MetricLike = "accuracy") -> dict[str, Any]:
     """Measure one artifact: params, size on disk, MACs, latency, accuracy, agreement.
 
+    The row of :func:`measure_with_predictions`, without the predictions.
+
     Parameters
     ----------
     model : nn.Module or OnnxModel
@@ -342,11 +394,34 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
         onnxruntime has its CUDA provider, else ``timing["cuda"]`` says why not, and the
         report shows it).
     """
+    return measure_with_predictions(model, task, config=config, folder=folder,
+                                    reference=reference, baseline=baseline, test=test,
+                                    metric=metric)[0]
+
+
+def measure_with_predictions(
+        model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig | None = None,
+        folder: Path | None = None, reference: torch.Tensor | None = None,
+        baseline: nn.Module | OnnxModel | None = None, test: bool = True,
+        metric: MetricLike = "accuracy") -> tuple[dict[str, Any], torch.Tensor | None]:
+    """:func:`measure`, also returning the artifact's predicted classes on the test split.
+
+    The parameters are :func:`measure`'s. A run keeps its baseline's predictions for every
+    later row's ``agreement`` without scoring the test split a second time.
+
+    Returns
+    -------
+    row : dict
+        :func:`measure`'s row.
+    predictions : Tensor or None
+        The predicted class of every test sample, None when ``test`` is False.
+    """
     config = config or MeasureConfig()
     onnx = isinstance(model, OnnxModel)
     metric = Metric.resolve(metric)
     val_accuracy = val_score = None
     accuracy = agreement = score = None
+    preds = None
     # a CUDA run scores torch models on the GPU (ONNX graphs run in ONNX Runtime on the CPU)
     with _scoring_on(model, "cuda" if config.cuda else "cpu") as device:
         if task.val is not None:
@@ -385,7 +460,7 @@ def measure(model: nn.Module | OnnxModel, task: Task, *, config: MeasureConfig |
             row["latency_ms_cuda"] = latency(model, x, config, device="cuda")
         else:  # the report says, in one line, why this ONNX stage has no CUDA latency
             row.setdefault("timing", {})["cuda"] = missing
-    return row
+    return row, preds
 
 
 def onnx_cuda_missing(model: OnnxModel | None = None, threads: int | None = None) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kdcompress.data import Task
-from kdcompress.metrics import MeasureConfig, measure, predict_split
+from kdcompress.metrics import MeasureConfig, measure_with_predictions
 from kdcompress.progress import Progress, StageFinished
 from kdcompress.report import Report, StageRow
 from kdcompress.scoring import Metric, MetricLike
@@ -66,10 +66,11 @@ class Measurer(Progress):
         if self.only is not None and not is_baseline and event.name not in self.only:
             return
         started = time.perf_counter()
-        metrics = measure(event.artifact, self.task, config=self.config, folder=event.folder,
-                          reference=None if is_baseline else self.baseline_predictions,
-                          baseline=None if is_baseline else self.baseline, test=self.read_test,
-                          metric=self.metric)
+        metrics, predictions = measure_with_predictions(
+            event.artifact, self.task, config=self.config, folder=event.folder,
+            reference=None if is_baseline else self.baseline_predictions,
+            baseline=None if is_baseline else self.baseline, test=self.read_test,
+            metric=self.metric)
         meta = event.meta
         event.row = StageRow(
             name=event.name, function=event.function, inputs=list(event.inputs),
@@ -79,9 +80,7 @@ class Measurer(Progress):
             **metrics)
         if is_baseline:
             self.baseline = event.artifact
-            if self.read_test:
-                logits, _ = predict_split(event.artifact, self.task, "test")
-                self.baseline_predictions = logits.argmax(1)
+            self.baseline_predictions = predictions
         event.row.measure_seconds = round(time.perf_counter() - started, 3)
         report.add(event.row, order=self.order)
 

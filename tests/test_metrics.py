@@ -195,3 +195,61 @@ def test_several_models_timed_side_by_side_over_rounds(tiny_task):
     assert single["batch_1"]["spread"] == 1.0
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         latency_side_by_side([Sleeps(0.0)], x, config, rounds=0)
+
+
+def _sleeper(seconds: float, calls: list[str], name: str = "a"):
+    import time
+
+    def call() -> None:
+        calls.append(name)
+        time.sleep(seconds)
+    return call
+
+
+def test_a_slow_call_is_timed_fewer_times_to_fit_max_seconds():
+    """20 ms a call, 0.1 s of timed runs: 4 or 5 timed runs (sleep may overshoot), not 20; the
+    warm-up stops once it has taken half the budget, after at least two runs."""
+    calls: list[str] = []
+    config = MeasureConfig(warmup=10, repeats=20, min_seconds=0.0, max_seconds=0.1,
+                           min_repeats=2)
+    (timed,) = time_calls([_sleeper(0.02, calls)], config)
+    assert 2 <= timed["runs"] <= 5
+    warm = len(calls) - timed["runs"]
+    assert 2 <= warm <= 3  # 50 ms of warm-up: two or three 20 ms runs, not ten
+    assert timed["p50"] >= 20.0
+
+
+def test_max_seconds_never_leaves_fewer_than_min_repeats_and_none_turns_it_off():
+    calls: list[str] = []
+    config = MeasureConfig(warmup=3, repeats=8, min_seconds=0.0, max_seconds=0.001,
+                           min_repeats=4)
+    (timed,) = time_calls([_sleeper(0.01, calls)], config)
+    assert timed["runs"] == 4 and len(calls) == 2 + 4  # warm-up over budget after two runs
+    calls.clear()
+    (timed,) = time_calls([_sleeper(0.01, calls)],
+                          MeasureConfig(warmup=3, repeats=8, min_seconds=0.0, max_seconds=None))
+    assert timed["runs"] == 8 and len(calls) == 3 + 8  # every warm-up and timed run
+    calls.clear()  # a fast call keeps its repeats (and min_seconds' extension) under the budget
+    (timed,) = time_calls([lambda: calls.append("a")],
+                          MeasureConfig(warmup=2, repeats=20, min_seconds=0.0))
+    assert timed["runs"] == 20
+
+
+def test_side_by_side_calls_share_the_slowest_ones_count():
+    """A 20 ms model beside a fast one: both get the count that fits the slow one, in turns."""
+    calls: list[str] = []
+    config = MeasureConfig(warmup=2, repeats=20, min_seconds=0.0, max_seconds=0.1,
+                           min_repeats=3, block=10, turn_warmup=0)
+    slow, fast = time_calls([_sleeper(0.02, calls, "s"), lambda: calls.append("f")], config)
+    assert slow["runs"] == fast["runs"] and 3 <= slow["runs"] <= 5
+    assert "".join(calls) == "ss" + "ff" + "s" * slow["runs"] + "f" * fast["runs"]
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("max_seconds", 0.0, "max_seconds must be > 0 or None"),
+    ("max_seconds", -1.0, "max_seconds must be > 0 or None"),
+    ("min_repeats", 0, "min_repeats must be >= 1"),
+])
+def test_bad_timing_budget_is_refused(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        MeasureConfig(**{field: value})

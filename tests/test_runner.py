@@ -300,3 +300,37 @@ def test_same_pipeline_twice_in_one_folder_keeps_one_row_per_stage(tiny_task, ru
     report = run(chain(tiny_task))
     assert names(report) == ["a", "b", "c"]
     assert names(load_report(tmp_path / "run")) == ["a", "b", "c"]
+
+
+def test_each_row_scores_the_test_split_once_baseline_included(tiny_task, run, monkeypatch,
+                                                                tmp_path):
+    """The baseline's test predictions, kept for every later row's agreement, are the ones its
+    own row scored: no second pass over the test split."""
+    import kdcompress.metrics as metrics
+
+    scored: list[str] = []
+    real = metrics.predict_split
+
+    def counting(model, task, split, **kwargs):
+        scored.append(split)
+        return real(model, task, split, **kwargs)
+
+    monkeypatch.setattr(metrics, "predict_split", counting)
+    pipeline = Pipeline("once", data=tiny_task)
+    a = pipeline.stage(make, out="a", model=models.cnn(width=8, hidden=16))
+    pipeline.stage(vandal, out="v", model=a)
+    pipeline.stage(make, out="after", model=a)
+    report = run(pipeline)
+    assert scored.count("test") == 3
+    assert report.row("after").agreement == 1.0
+    # every logit of the zeroed copy is 0, so it predicts class 0 everywhere: it agrees with the
+    # baseline exactly where the baseline predicts class 0
+    x, _ = tiny_task.arrays("test")
+    base = real_predict(load_module(tmp_path / "run" / "stages" / "a"), x)
+    assert report.row("v").agreement == pytest.approx(float((base == 0).float().mean()), abs=1e-6)
+
+
+def real_predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from kdcompress.metrics import predict
+
+    return predict(model, x).argmax(1)
