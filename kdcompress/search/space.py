@@ -130,6 +130,11 @@ class Param:
         """Whether ``value`` is one of the parameter's values."""
         raise NotImplementedError
 
+    def neighbours(self, value: Any) -> list[Any]:
+        """The values one grid step below and above ``value`` that the parameter can take
+        (none for a choice, a continuous range or a log range: they have no step to take)."""
+        return []
+
 
 def _default_text(param: Param) -> str:
     parts = [] if param.name is None else [f"name={param.name!r}"]
@@ -243,6 +248,11 @@ class IntRange(Param):
     def suggest(self, trial: Any, name: str) -> Any:
         return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
 
+    def neighbours(self, value: Any) -> list[Any]:
+        if self.log or not self.contains(value):
+            return []
+        return [v for v in (value - self.step, value + self.step) if self.contains(v)]
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "int", "low": self.low, "high": self.high, "step": self.step,
                 "log": self.log}
@@ -294,6 +304,13 @@ class FloatRange(Param):
     def suggest(self, trial: Any, name: str) -> Any:
         value = trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
         return self.decode(value)
+
+    def neighbours(self, value: Any) -> list[Any]:
+        if self.step is None or not self.contains(value):
+            return []
+        k = round((value - self.low) / self.step)
+        return [self.decode(self.low + i * self.step) for i in (k - 1, k + 1)
+                if 0 <= i <= round((self.high - self.low) / self.step)]
 
     def decode(self, stored: Any) -> Any:
         # on a grid, low + k * step is rounded to the step's decimals: 0.30000000000000004 is

@@ -365,8 +365,9 @@ class Search:
 
         Parameters of later stages come first (a trial that changes only the export recomputes
         the export and what follows; one that changes the TT rank recomputes nearly
-        everything). Each parameter takes every value of a choice but its default, and the two
-        ends of a range that are not its default.
+        everything). Each parameter takes every value of a choice but its default; a range
+        takes the values one grid step either side of the base value first (is a little more
+        compression as accurate?), then its two ends (what the extremes cost).
 
         Given the study's ``trials``, the list goes on around the front: a screening trial
         that is on the front (feasible, no feasible trial better at every objective) has the
@@ -385,14 +386,19 @@ class Search:
         out = []
         for name in reversed(list(self.params)):
             param = self.params[name]
-            if isinstance(param, Choice):
-                values = list(param.values)
-            else:
-                values = [param.low, param.high]  # type: ignore[attr-defined]
             for number, origin, base in bases:
                 if origin is not None and name not in downstream.get(origin, set()):
                     continue
+                if isinstance(param, Choice):
+                    values = list(param.values)
+                else:
+                    values = param.neighbours(base[name]) + [
+                        param.low, param.high]  # type: ignore[attr-defined]
+                seen: list[Any] = []
                 for value in values:
+                    if any(_same(value, v) for v in seen):
+                        continue
+                    seen.append(value)
                     if not _same(value, base[name]):
                         on = "" if number is None else f" on trial {number}"
                         out.append((f"{name}={_readable(value)!r}{on}", {**base, name: value}))

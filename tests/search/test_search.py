@@ -329,15 +329,17 @@ def test_after_the_defaults_each_parameter_is_screened_last_stage_first(searched
     trials = searched["result"].trials
     defaults = {"student.rank": 2, "tuned.epochs": 1, "tuned.lr": 0.002}
     changed = [{k: v for k, v in t.values.items() if v != defaults[k]} for t in trials[1:6]]
+    # a range's neighbours of the default first (rank 1 and 3 around 2), then its ends (4)
     assert changed == [{"tuned.lr": 0.001}, {"tuned.lr": 0.003}, {"tuned.epochs": 2},
-                       {"student.rank": 1}, {"student.rank": 4}]
+                       {"student.rank": 1}, {"student.rank": 3}]
     assert all(t.note.startswith("screening ") for t in trials[1:6])
     assert all("student" in t.cached for t in trials[1:4])  # only the tuned stage recomputed
     flagship = Search(load_pipeline(PIPELINES.parents[2] / "pipelines"
                                     / "tt_distill_quant_search.py"),
                       SearchConfig(), RunOptions(out=searched["run"].parent / "unused"))
     assert [name for name, _ in flagship.screening()] == [
-        "fp32.tt_export='auto'", "pruned.ratio=0.0", "pruned.ratio=0.8", "student.rank=2",
+        "fp32.tt_export='auto'", "pruned.ratio=0.2", "pruned.ratio=0.4", "pruned.ratio=0.0",
+        "pruned.ratio=0.8", "student.rank=6", "student.rank=10", "student.rank=2",
         "student.rank=12"]
 
 
@@ -418,15 +420,18 @@ def test_screening_goes_on_downstream_of_each_screening_trial_on_the_front(tmp_p
               _done(4, values(rank=2), screen="student.rank=2", drop=1.0, size=20, latency=10)]
     listed = search.screening(trials)
     assert [name for name, _ in listed] == [
-        "fp32.tt_export='auto'", "fp32.tt_export='auto' on trial 3", "pruned.ratio=0.0",
-        "pruned.ratio=0.8", "student.rank=2", "student.rank=12"]
+        "fp32.tt_export='auto'", "fp32.tt_export='auto' on trial 3", "pruned.ratio=0.2",
+        "pruned.ratio=0.4", "pruned.ratio=0.0", "pruned.ratio=0.8", "student.rank=6",
+        "student.rank=10", "student.rank=2", "student.rank=12"]
     assert dict(listed)["fp32.tt_export='auto' on trial 3"] == values(ratio=0.8, export="auto")
     # a rank on the front has the pruning ratio's ends and the export screened on top of it
     trials.append(_done(5, values(rank=12), screen="student.rank=12", size=30, latency=11))
     names = [name for name, _ in search.screening(trials)]
     assert names[:4] == ["fp32.tt_export='auto'", "fp32.tt_export='auto' on trial 3",
-                         "fp32.tt_export='auto' on trial 5", "pruned.ratio=0.0"]
-    assert "pruned.ratio=0.0 on trial 5" in names and "pruned.ratio=0.8 on trial 5" in names
+                         "fp32.tt_export='auto' on trial 5", "pruned.ratio=0.2"]
+    assert [n for n in names if n.endswith("on trial 5") and n.startswith("pruned")] == [
+        "pruned.ratio=0.2 on trial 5", "pruned.ratio=0.4 on trial 5",
+        "pruned.ratio=0.0 on trial 5", "pruned.ratio=0.8 on trial 5"]
     assert not any(n.endswith(("on trial 1", "on trial 2", "on trial 4")) for n in names)
 
     class Queue:

@@ -49,6 +49,24 @@ def test_sizes_candidates_and_grid_values():
     assert not ks.int(2, 12).contains(True)
 
 
+
+def test_neighbours_are_one_grid_step_either_side_inside_the_range():
+    """What screening tries first around a value: literals a file would hold (0.2, not
+    0.30000000000000004 - 0.1), none outside the range, none without a grid."""
+    assert ks.int(2, 12, step=2).neighbours(8) == [6, 10]
+    assert ks.int(2, 12, step=2).neighbours(2) == [4]
+    assert ks.int(2, 12, step=2).neighbours(12) == [10]
+    assert ks.int(1, 4).neighbours(2) == [1, 3]
+    assert ks.float(0.0, 0.8, step=0.1).neighbours(0.3) == [0.2, 0.4]
+    assert ks.float(0.0, 0.8, step=0.1).neighbours(0.1 + 0.2) == [0.2, 0.4]
+    assert ks.float(0.0, 0.8, step=0.1).neighbours(0.8) == [0.7]
+    assert ks.float(0.0, 0.6, step=0.15).neighbours(0.15) == [0.0, 0.3]
+    assert ks.float(1e-4, 1e-2, log=True).neighbours(1e-3) == []  # no grid, no step
+    assert ks.float(0.0, 1.0).neighbours(0.5) == []
+    assert ks.int(1, 64, log=True).neighbours(8) == []
+    assert ks.choice([4, 8, 16]).neighbours(8) == []  # a choice screens all its values
+    assert ks.int(2, 12, step=2).neighbours(5) == []  # not a value of the parameter
+
 def test_every_candidate_is_checked_against_the_stage_rules_when_declared(digits_task):
     pipeline = Pipeline("checks", data=digits_task)
     teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
