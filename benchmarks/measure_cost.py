@@ -14,6 +14,11 @@ of the machine's load:
   fewer for a call whose 20 runs would take over ``max_seconds``, 0.5 s);
 - **no budget**: the same with ``max_seconds=None`` (always 20 timed runs after 5 warm-up ones).
 
+``--sleeps BASELINE MS ...`` instead runs the ruler alone, on calls that sleep as long as the
+given batch-64 latencies (the first one the baseline, timed alone; every other one beside it),
+under both policies: what the timing costs for another machine's latencies, e.g. a GPU host's
+CPU columns, without the machine (the timing loop's own cost; sleeping uses no CPU).
+
 A re-run from the cache does nothing but measure, so its wall time and the rows'
 ``measure_seconds`` are the cost of measuring. It prints, per stage, the median measurement
 seconds under each policy and the two policies' median latencies side by side (the ratio is
@@ -38,6 +43,23 @@ ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {"budget": MeasureConfig(), "no budget": MeasureConfig(max_seconds=None)}
 
 
+def ruler_on_sleeps(latencies_ms: list[float]) -> None:
+    """Print the seconds the ruler spends on sleeps of ``latencies_ms`` under each policy."""
+    from kdcompress.metrics import time_calls
+
+    def sleeper(ms: float):
+        return lambda: time.sleep(ms / 1e3)
+
+    base, *others = latencies_ms
+    print("| policy | seconds | timed runs per call |")
+    print("|---|---:|---|")
+    for name, config in POLICIES.items():
+        start = time.perf_counter()
+        runs = [time_calls([sleeper(base)], config)[0]["runs"]]
+        runs += [time_calls([sleeper(ms), sleeper(base)], config)[0]["runs"] for ms in others]
+        print(f"| {name} | {time.perf_counter() - start:.2f} | {', '.join(map(str, runs))} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None,
@@ -47,7 +69,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/measure_cost"))
     parser.add_argument("--rounds", type=int, default=3,
                         help="re-runs from the cache per policy (alternating)")
+    parser.add_argument("--sleeps", type=float, nargs="+", metavar="MS",
+                        help="time the ruler on sleeps of these lengths (ms; the first is the "
+                             "baseline) instead of running the pipeline")
     args = parser.parse_args()
+    if args.sleeps:
+        ruler_on_sleeps(args.sleeps)
+        return
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, but got {args.rounds}")
     pipeline = load_pipeline(ROOT / "pipelines" / "tt_distill_quant.py")
