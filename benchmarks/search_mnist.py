@@ -25,6 +25,7 @@ then come from the cache.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -63,10 +64,15 @@ def main() -> None:
     parser.add_argument("--objectives", default="size,latency_b1,latency",
                         help="what the search minimises (default: size, batch-1 and batch-64 "
                              "latency)")
+    parser.add_argument("--bars-only", action="store_true",
+                        help="print the bars of the finished search in --out, running nothing")
     parser.add_argument("--flagship-first", action="store_true",
                         help="run the hand-written flagship into --out before the search (its "
                              "time is not counted in the budget)")
     args = parser.parse_args()
+    if args.bars_only:
+        print("\n".join(bars(json.loads((args.out / "search" / "frontier.json").read_text()))))
+        return
     if not args.data:
         parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
 
@@ -140,8 +146,23 @@ def bars(doc: dict) -> list[str]:
                   and _b(p, 1) < _b(default, 1) and _b(p, 64) < _b(default, 64)]
     lines.append(f"- dominates the flagship's settings (trial {default['trial']}, test "
                  f"{100 * default['accuracy']:.2f}%, {format_bytes(default['size_bytes'])}, "
-                 f"b1 {_b(default, 1):.3f} ms, b64 {_b(default, 64):.3f} ms): "
+                 f"b1 {_b(default, 1):.3f} ms, b64 {_b(default, 64):.3f} ms), latencies of the "
+                 "final measurement (each point in its own run, beside the teacher): "
                  + (", ".join(f"trial {p['trial']}" for p in dominating) or "none"))
+    # the same with the latencies of the search's re-timing: every model within the budget,
+    # the flagship's settings included, timed in turns in one session (ratios side by side)
+    timed = {t["number"]: t.get("objectives") or {} for t in doc.get("trials", [])}
+    mine = timed.get(default["trial"], {})
+    if doc.get("retimed") and "latency" in mine and "latency_b1" in mine:
+        side = [p for p in front if p["accuracy"] >= default["accuracy"]
+                and p["size_bytes"] < default["size_bytes"]
+                and timed.get(p["trial"], {}).get("latency_b1", float("inf")) < mine["latency_b1"]
+                and timed.get(p["trial"], {}).get("latency", float("inf")) < mine["latency"]]
+        lines.append(f"- the same on the re-timing side by side (flagship's settings b1 "
+                     f"{mine['latency_b1']:.3f} ms, b64 {mine['latency']:.3f} ms): "
+                     + (", ".join(f"trial {p['trial']} (b1 {timed[p['trial']]['latency_b1']:.3f}"
+                                  f", b64 {timed[p['trial']]['latency']:.3f} ms)" for p in side)
+                        or "none"))
     near = [p for p in front if 100 * (teacher["accuracy"] - p["accuracy"]) <= 0.5]
     for label, key in (("smaller", lambda p: teacher["size_bytes"] / p["size_bytes"]),
                        ("faster at batch 1", lambda p: _b(teacher, 1) / _b(p, 1))):
