@@ -125,8 +125,9 @@ class SearchConfig:
         Trials sampled at random before TPE models the results; NSGA-II's population size.
     screen : bool
         Before the sampler proposes anything, try the defaults, then each parameter's other
-        values one at a time with the rest at their defaults (every other choice; the two ends
-        of a range), the parameters of the last stages first: those trials recompute only the
+        values one at a time with the rest at their defaults (every other choice; one grid step
+        either side of the default, then the two ends, of a range), the parameters of the last
+        stages first: those trials recompute only the
         stages after the changed one, so a search's first minutes explore every axis at the
         cost of a few cheap stages; then, for each screening trial on the front, the
         parameters of the stages after the one it changed, on top of its values
