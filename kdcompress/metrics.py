@@ -41,8 +41,8 @@ class MeasureConfig:
     batch_sizes : tuple of int
         Batch sizes timed (the report's ``batch_1`` and ``batch_64``).
     warmup : int
-        Untimed runs before timing (at least two of them, fewer than ``warmup`` only for a call
-        whose warm-up has already taken half of ``max_seconds``).
+        Untimed runs before timing; a call whose warm-up has taken half of ``max_seconds`` stops
+        it early, after at least two runs.
     repeats : int
         Timed runs per batch size (at least; short runs are repeated up to ``min_seconds``;
         slow ones are cut to fit ``max_seconds``).
@@ -206,8 +206,8 @@ def _repeats(config: MeasureConfig, per_call: list[float]) -> int:
     slowest = max(per_call)
     if slowest * config.repeats <= config.max_seconds:
         return config.repeats
-    fit = int(config.max_seconds / max(slowest, 1e-9))
-    return max(min(config.min_repeats, config.repeats), min(fit, config.repeats))
+    fit = int(config.max_seconds / slowest)  # fewer than config.repeats here
+    return max(min(config.min_repeats, config.repeats), fit)
 
 
 @contextlib.contextmanager

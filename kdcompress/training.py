@@ -314,10 +314,10 @@ def fit(
                 and epoch < config.epochs:
             stopped = True
             break
-    if best is None:
-        return FitResult(model.eval(), history, split, loop.steps, stopped)
-    best.restore()
-    return FitResult(model.eval(), history, split, loop.steps, stopped, best.epoch)
+    if best is not None:
+        best.restore()
+    return FitResult(model.eval(), history, split, loop.steps, stopped,
+                     None if best is None else best.epoch)
 
 
 def _validate(model: nn.Module, data: Task, split: str, ctx: StageContext) -> tuple[float, float]:
