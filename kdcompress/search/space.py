@@ -135,6 +135,19 @@ class Param:
         (none for a choice, a continuous range or a log range: they have no step to take)."""
         return []
 
+    def screening(self, value: Any) -> list[Any]:
+        """The values a search screens in place of ``value``, in order, each once: every other
+        value of a choice; for a range, :meth:`neighbours` first, then its two ends."""
+        out: list[Any] = []
+        for candidate in self._screened(value):
+            if not _same(candidate, value) and not any(_same(candidate, v) for v in out):
+                out.append(candidate)
+        return out
+
+    def _screened(self, value: Any) -> list[Any]:
+        """:meth:`screening`'s candidates, before ``value`` and repeats are left out."""
+        raise NotImplementedError
+
 
 def _default_text(param: Param) -> str:
     parts = [] if param.name is None else [f"name={param.name!r}"]
@@ -169,6 +182,9 @@ class Choice(Param):
         return len(self.values)
 
     def __kdc_candidates__(self) -> list[Any]:
+        return list(self.values)
+
+    def _screened(self, value: Any) -> list[Any]:
         return list(self.values)
 
     def contains(self, value: Any) -> bool:
@@ -248,6 +264,9 @@ class IntRange(Param):
     def suggest(self, trial: Any, name: str) -> Any:
         return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
 
+    def _screened(self, value: Any) -> list[Any]:
+        return self.neighbours(value) + [self.low, self.high]
+
     def neighbours(self, value: Any) -> list[Any]:
         if self.log or not self.contains(value):
             return []
@@ -304,6 +323,9 @@ class FloatRange(Param):
     def suggest(self, trial: Any, name: str) -> Any:
         value = trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
         return self.decode(value)
+
+    def _screened(self, value: Any) -> list[Any]:
+        return self.neighbours(value) + [self.low, self.high]
 
     def neighbours(self, value: Any) -> list[Any]:
         if self.step is None or not self.contains(value):

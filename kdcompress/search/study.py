@@ -74,7 +74,7 @@ from kdcompress.report import Report
 from kdcompress.search.bestfile import write_best_file
 from kdcompress.search.front import FrontPoint, SearchResult, TrialSummary, pareto
 from kdcompress.search.live import SearchProgress
-from kdcompress.search.space import Choice, Param, _same, param_paths, values_text
+from kdcompress.search.space import Choice, Param, param_paths, values_text
 from kdcompress.search.trial import Heartbeat, TrialObserver
 from kdcompress.store import pid_alive
 
@@ -390,19 +390,9 @@ class Search:
             for number, origin, base in bases:
                 if origin is not None and name not in downstream.get(origin, set()):
                     continue
-                if isinstance(param, Choice):
-                    values = list(param.values)
-                else:
-                    values = param.neighbours(base[name]) + [
-                        param.low, param.high]  # type: ignore[attr-defined]
-                seen: list[Any] = []
-                for value in values:
-                    if any(_same(value, v) for v in seen):
-                        continue
-                    seen.append(value)
-                    if not _same(value, base[name]):
-                        on = "" if number is None else f" on trial {number}"
-                        out.append((f"{name}={_readable(value)!r}{on}", {**base, name: value}))
+                on = "" if number is None else f" on trial {number}"
+                for value in param.screening(base[name]):
+                    out.append((f"{name}={_readable(value)!r}{on}", {**base, name: value}))
         return out
 
     def _downstream(self) -> dict[str, set[str]]:

@@ -67,6 +67,16 @@ def test_neighbours_are_one_grid_step_either_side_inside_the_range():
     assert ks.choice([4, 8, 16]).neighbours(8) == []  # a choice screens all its values
     assert ks.int(2, 12, step=2).neighbours(5) == []  # not a value of the parameter
 
+
+def test_screening_values_leave_out_the_base_and_repeats():
+    """A range: its neighbours, then the ends not already listed; a choice: its other values."""
+    assert ks.float(0.0, 0.8, step=0.1).screening(0.3) == [0.2, 0.4, 0.0, 0.8]
+    assert ks.int(1, 4).screening(2) == [1, 3, 4]  # 1 is a neighbour and an end: once
+    assert ks.int(2, 12, step=2).screening(2) == [4, 12]  # the base is an end: left out
+    assert ks.float(1e-4, 1e-2, log=True).screening(1e-3) == [1e-4, 1e-2]  # no grid: the ends
+    assert ks.choice(["factorized", "auto", "dense"]).screening("auto") == ["factorized",
+                                                                             "dense"]
+
 def test_every_candidate_is_checked_against_the_stage_rules_when_declared(digits_task):
     pipeline = Pipeline("checks", data=digits_task)
     teacher = pipeline.stage(train, out="teacher", model=models.cnn(width=8), epochs=1)
