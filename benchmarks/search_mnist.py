@@ -71,7 +71,11 @@ def main() -> None:
                              "time is not counted in the budget)")
     args = parser.parse_args()
     if args.bars_only:
-        print("\n".join(bars(json.loads((args.out / "search" / "frontier.json").read_text()))))
+        frontier = args.out / "search" / "frontier.json"
+        if not frontier.is_file():
+            parser.error(f"--bars-only reads {frontier}, which does not exist: give --out the run "
+                         "folder of a finished search")
+        print("\n".join(bars(json.loads(frontier.read_text()))))
         return
     if not args.data:
         parser.error("give --data DIR (the four MNIST IDX files) or set KDCOMPRESS_DATA")
