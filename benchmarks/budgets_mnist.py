@@ -13,6 +13,10 @@ Run by hand (the teacher is trained once and cached; every finished part is kept
    (``linear``: the flagship's ``nn.Linear`` layers; ``all``: convolutions too);
    ``--budget-method auto`` lets the budget pick TT or SVD per layer; ``--distill-lr`` runs the
    distillation at other learning rates too; ``--keep-best`` distils with ``keep_best=True``.
+   ``--teacher-module FOLDER`` takes a model saved by ``kdcompress.artifacts.save_module`` as
+   the teacher instead (e.g. the 784-1200-1200-10 MLP that ``benchmarks/hinton_mnist.py`` keeps
+   in ``CACHE/e30-lr0.001/models/teacher-s0``), with ``--train-limit 0`` for all 55,000
+   training images.
 2. Pruning at the same ratio: ``prune(allocation="uniform")`` against
    ``prune(allocation="sensitivity")`` with the same KD recovery (``--recovery-epochs``), for
    each seed of ``--seeds`` (the recovery's; the cut itself has no randomness).
@@ -23,6 +27,7 @@ Prints a markdown table (with the load average) and writes ``--work/budgets.json
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -34,6 +39,7 @@ import torch
 from torch import nn
 
 from kdcompress import data
+from kdcompress.artifacts import WEIGHTS_FILE, load_module
 from kdcompress.context import StageContext
 from kdcompress.stages import decompose_tt, distill, prune
 from kdcompress.training import accuracy
@@ -175,6 +181,9 @@ def main() -> None:
                         help="seeds of the distillation and of the pruning recovery (each a "
                              "part of its own)")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--teacher-module", type=Path, default=None,
+                        help="a folder saved by kdcompress.artifacts.save_module: the teacher, "
+                             "instead of training the flagship CNN")
     parser.add_argument("--digits", action="store_true",
                         help="check the script on scikit-learn's digits instead of MNIST")
     args = parser.parse_args()
@@ -182,11 +191,19 @@ def main() -> None:
     if args.digits:
         task = data.digits()
     else:
-        task = data.limit_train(data.mnist(args.data), args.train_limit)
-    teacher = trained_cnn(task, args.width, args.epochs, args.cache).eval()
+        task = data.mnist(args.data)
+        if args.train_limit:  # 0: all training images
+            task = data.limit_train(task, args.train_limit)
+    if args.teacher_module is None:
+        teacher = trained_cnn(task, args.width, args.epochs, args.cache).eval()
+        tag = ""
+    else:
+        teacher = load_module(args.teacher_module)
+        digest = hashlib.sha256((args.teacher_module / WEIGHTS_FILE).read_bytes()).hexdigest()
+        tag = f"-{digest[:12]}"  # results of another teacher go to a file of their own
     print(f"teacher: {_params(teacher)} params, val {100 * accuracy(teacher, task, 'val'):.2f}",
           flush=True)
-    results = Results(args.work / f"budgets-{task.fingerprint[:12]}.json")
+    results = Results(args.work / f"budgets-{task.fingerprint[:12]}{tag}.json")
     for layers in args.layers:
         for rank in args.ranks:
             suffix = "" if args.budget_method == "tt" else f" {args.budget_method}"
