@@ -210,6 +210,12 @@ def decompose_tt(
             ctx.warn("decomposition error above 0.5 on "
                      + ", ".join(r["name"] for r in records if r["rel_error"] > 0.5)
                      + ": distill the student (or raise the ranks) before judging accuracy")
+        grown = [r for r in records if r["params_after"] >= r["params_before"]]
+        if grown:
+            ctx.warn("no smaller once factorised: " + ", ".join(
+                f"'{r['name']}' ({r['params_before']:,} -> {r['params_after']:,} parameters as "
+                f"{r['kind']} ranks {r['ranks']})" for r in grown)
+                + "; leave it out of layers (layers=None skips such layers) or lower the rank")
     return new_model.eval()
 
 

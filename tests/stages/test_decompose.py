@@ -67,6 +67,22 @@ def test_default_decomposes_linear_layers_and_records(net: Net) -> None:
     assert student(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_a_layer_named_by_type_that_does_not_shrink_is_decomposed_and_named(net: Net) -> None:
+    # fc2 is 128 -> 10: SVD rank 10 holds 10 * 138 weights + 10 biases, more than its 1,290
+    ctx = _ctx()
+    student = decompose_tt(net, rank=16, method="svd", layers=[nn.Linear], ctx=ctx)
+    grown = [r for r in ctx.details["layers"] if r["params_after"] >= r["params_before"]]
+    assert [r["name"] for r in grown] == ["fc2"] and isinstance(student.fc2, nn.Sequential)
+    assert grown[0]["params_after"] == _params(student.fc2) > _params(net.fc2)
+    [warning] = [w for w in ctx.warnings if "no smaller" in w]
+    assert "'fc2' (1,290 -> 1,390 parameters as svd ranks [10])" in warning
+    assert "fc1" not in warning and "layers=None" in warning
+    ctx = _ctx()  # layers=None skips such a layer, and there is nothing to warn of
+    student = decompose_tt(net, rank=16, method="svd", ctx=ctx)
+    assert isinstance(student.fc2, nn.Linear)
+    assert not any("no smaller" in w for w in ctx.warnings)
+
+
 def test_full_rank_tt_model_is_exact(net: Net) -> None:
     model = copy.deepcopy(net).double()
     exact, records = tensorize(model, layers=["fc1", nn.Conv2d])
