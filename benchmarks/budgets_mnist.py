@@ -41,6 +41,7 @@ from torch import nn
 from kdcompress import data
 from kdcompress.artifacts import WEIGHTS_FILE, load_module
 from kdcompress.context import StageContext
+from kdcompress.errors import ArtifactError
 from kdcompress.stages import decompose_tt, distill, prune
 from kdcompress.training import accuracy
 
@@ -198,7 +199,10 @@ def main() -> None:
         teacher = trained_cnn(task, args.width, args.epochs, args.cache).eval()
         tag = ""
     else:
-        teacher = load_module(args.teacher_module)
+        try:
+            teacher = load_module(args.teacher_module)
+        except ArtifactError as exc:
+            parser.error(f"--teacher-module: {exc}")
         digest = hashlib.sha256((args.teacher_module / WEIGHTS_FILE).read_bytes()).hexdigest()
         tag = f"-{digest[:12]}"  # results of another teacher go to a file of their own
     print(f"teacher: {_params(teacher)} params, val {100 * accuracy(teacher, task, 'val'):.2f}",
